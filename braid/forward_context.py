@@ -1,0 +1,45 @@
+"""Per-forward state (attention metadata, KV caches), held per thread.
+
+Dual-batch overlap runs two micro-batches on two threads, so this state must
+never be a module global: each thread sees only the context it set.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from braid.layers.attention.backend import AttentionBackend
+    from braid.layers.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: "AttentionMetadata | None"
+    # One tensor per decoder layer, indexed by the layer's global index.
+    kv_caches: "list[torch.Tensor]"
+    backend: "AttentionBackend"
+
+
+_local = threading.local()
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    previous = getattr(_local, "ctx", None)
+    _local.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        _local.ctx = previous
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("no forward context is set on this thread; run the model inside set_forward_context()")
+    return ctx

@@ -1,0 +1,225 @@
+"""One token-budget scheduler in vLLM V1's model.
+
+Each step hands out at most max_num_batched_tokens over running requests
+first (oldest first), then waiting ones (FCFS). A request's share is simply
+how many of its tokens are not yet computed, so long prompts are chunked and
+decodes and prefills share a batch. When the KV pool runs dry the newest
+running request is preempted: its blocks are freed and it is recomputed later.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from braid.config import SchedulerConfig
+from braid.core.kv_cache_manager import KVCacheManager
+from braid.core.request import Request, RequestStatus
+from braid.core.scheduler_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from braid.engine.messages import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Finished since the last schedule(); the workers drop them next step.
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids) -> list[Request]:
+        aborted = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(request)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        self._finished_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    # ---- scheduling ------------------------------------------------------------
+    def _token_share(self, request: Request, budget: int) -> int:
+        n = request.num_tokens - request.num_computed_tokens
+        if self.config.long_prefill_token_threshold > 0:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return min(n, budget)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_tokens_sent = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._finished_ids.add(request.request_id)  # the workers forget it until it resumes
+        self.waiting.appendleft(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted_any = False
+
+        # Running requests first, oldest first; preempt from the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._token_share(request, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                new_block_ids = self.kv.allocate_slots(request, num_new)
+                if new_block_ids is not None:
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_any = True
+                if victim is request:
+                    break
+            if new_block_ids is None:
+                break
+            cached_reqs.append(
+                CachedRequestData(
+                    req_id=request.request_id,
+                    new_token_ids=request.all_token_ids[request.num_tokens_sent :],
+                    new_block_ids=new_block_ids,
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+            request.num_tokens_sent = request.num_tokens
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            i += 1
+
+        # Then waiting requests in arrival order, unless this step had to preempt.
+        while self.waiting and budget > 0 and not preempted_any and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_cached = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            if self.config.long_prefill_token_threshold > 0:
+                num_new = min(num_new, self.config.long_prefill_token_threshold)
+            num_new = min(num_new, budget)
+            new_block_ids = self.kv.allocate_slots(request, num_new, computed_blocks)
+            if new_block_ids is None:
+                break
+            self.waiting.popleft()
+            self._finished_ids.discard(request.request_id)
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_reqs.append(
+                NewRequestData(
+                    req_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=list(request.output_token_ids),
+                    sampling_params=request.sampling_params,
+                    block_ids=self.kv.block_ids(request.request_id),
+                    num_computed_tokens=num_cached,
+                )
+            )
+            request.num_tokens_sent = request.num_tokens
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_ids,
+        )
+        self._finished_ids = set()
+        # The KV of the scheduled tokens counts as computed from now on.
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+        return output
+
+    # ---- results ---------------------------------------------------------------
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
+        outputs: list[EngineCoreOutput] = []
+        for idx, req_id in enumerate(runner_output.req_ids):
+            request = self.requests.get(req_id)
+            if request is None:  # aborted while the step ran
+                continue
+            prompt_lps = runner_output.prompt_logprobs.get(req_id)
+            sampled = runner_output.sampled_token_ids[idx]
+            new_tokens: list[int] = []
+            for token_id in sampled:
+                request.append_output_token(token_id)
+                new_tokens.append(token_id)
+                if self._check_stop(request, token_id):
+                    break
+            if not new_tokens and prompt_lps is None:
+                continue
+            lps = runner_output.logprobs[idx]
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=req_id,
+                    new_token_ids=new_tokens,
+                    new_logprobs=lps[: len(new_tokens)] if lps is not None else None,
+                    new_prompt_logprobs=prompt_lps,
+                    finish_reason=request.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+            if request.is_finished():
+                self.running.remove(request)
+                self._finish(request, request.status)
+        return EngineCoreOutputs(outputs=outputs, stats=self.make_stats())
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids():
+            request.status = RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+            return True
+        max_tokens = params.max_tokens if params.max_tokens is not None else float("inf")
+        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def make_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_queries=self.kv.stats.queries,
+            prefix_cache_hits=self.kv.stats.hits,
+            num_preemptions=self.num_preemptions,
+        )

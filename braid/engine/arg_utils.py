@@ -1,0 +1,146 @@
+"""Engine arguments: one dataclass, its CLI flags (vLLM's names), and the validated EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+
+import torch
+
+from braid.config import (
+    LOAD_FORMATS,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB', '512MB', '1e9'-free plain bytes -> bytes (binary units either way)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"--kv-cache-memory must be a size like 2GiB or 512MiB, got {text!r}")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    attention_backend: str = "auto"
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: str | int | None = None
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> argparse.ArgumentParser:
+        if model_positional:
+            parser.add_argument("model", nargs="?", default=None,
+                                help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+        else:
+            parser.add_argument("--model", default=None, help="Hugging Face folder or .gguf file")
+        parser.add_argument("--tokenizer", default=None)
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS))
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        parser.add_argument("--kv-cache-memory", default=None,
+                            help="KV cache size, e.g. 2GiB (default on CPU: 2GiB; on GPU: from --gpu-memory-utilization)")
+        parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        parser.add_argument("--max-num-seqs", type=int, default=256)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+        parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        parser.add_argument("--long-prefill-token-threshold", type=int, default=0)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given, but no CUDA device is available")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}")
+        return torch.device(self.device)
+
+    def create_engine_config(self) -> EngineConfig:
+        from braid.transformers_utils import load_hf_config, resolve_model_path
+
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        model_path = resolve_model_path(self.model)
+        hf_config = load_hf_config(model_path)
+        device = self._device()
+        dtype = resolve_dtype(self.dtype, hf_config, device)
+
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        max_model_len = self.max_model_len or max_pos
+        if max_model_len < 2:
+            raise ValueError(f"--max-model-len must be >= 2, got {max_model_len}")
+        if max_model_len > max_pos:
+            raise ValueError(f"--max-model-len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})")
+
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"--attention-backend must be auto, torch or triton; got {backend!r}")
+
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            batched = 8192 if device.type == "cuda" else 2048
+            if not self.enable_chunked_prefill:
+                batched = max(batched, max_model_len)
+        return EngineConfig(
+            model=ModelConfig(
+                model=model_path,
+                hf_config=hf_config,
+                dtype=dtype,
+                load_format=self.load_format,
+                max_model_len=max_model_len,
+                tokenizer=self.tokenizer,
+                seed=self.seed,
+            ),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory=parse_size(self.kv_cache_memory) if self.kv_cache_memory is not None else None,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=batched,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+                long_prefill_token_threshold=self.long_prefill_token_threshold,
+            ),
+            device=DeviceConfig(device=device, attention_backend=backend),
+        )

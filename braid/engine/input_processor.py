@@ -1,0 +1,55 @@
+"""Turn a user prompt into a validated EngineCoreRequest, or raise ValueError changing nothing."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from braid.engine.messages import EngineCoreRequest
+from braid.sampling_params import SamplingParams
+
+# A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids}.
+PromptType = str | list[int] | dict[str, Any]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineCoreRequest]:
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but the model's context is --max-model-len "
+                f"{self.max_model_len} tokens, which must leave room for at least one output token"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        params = copy.copy(params)
+        params.eos_token_ids = list(self.eos_token_ids)
+        room = self.max_model_len - len(ids)
+        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.min_tokens > params.max_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the room left in the context ({room} tokens)")
+        return text, EngineCoreRequest(request_id, ids, params)

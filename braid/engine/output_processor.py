@@ -1,0 +1,182 @@
+"""Frontend side of outputs: detokenize, apply stop strings, assemble logprobs,
+time each request, and fold the n samples of one prompt into one RequestOutput."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from braid.engine.detokenizer import IncrementalDetokenizer
+from braid.engine.messages import EngineCoreOutput, TokenLogprobs
+from braid.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
+from braid.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleState:
+    """One of the n samples of a request; it is its own request in the engine core."""
+
+    index: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(
+            index=self.index,
+            text=self.detokenizer.output_text,
+            token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: dict[str, SampleState]  # core request id -> sample
+    metrics: RequestMetrics
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples.values())
+
+    def output(self) -> RequestOutput:
+        ordered = sorted(self.samples.values(), key=lambda s: s.index)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=[s.completion() for s in ordered],
+            finished=self.finished,
+            num_cached_tokens=self.num_cached_tokens,
+            metrics=self.metrics,
+        )
+
+
+def sample_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{index}_{request_id}"
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+        self._sample_owner: dict[str, str] = {}  # core request id -> user request id
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    sample_params: list[SamplingParams], arrival_time: float | None = None) -> list[str]:
+        """Register a request with one SamplingParams per sample; returns the core request ids."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        n = len(sample_params)
+        samples = {}
+        for index, params in enumerate(sample_params):
+            core_id = sample_request_id(request_id, index, n)
+            samples[core_id] = SampleState(
+                index=index,
+                params=params,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            self._sample_owner[core_id] = request_id
+        first = sample_params[0]
+        self.requests[request_id] = RequestState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=list(prompt_token_ids),
+            samples=samples,
+            metrics=RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time()),
+            prompt_logprobs=[None] if first.prompt_logprobs is not None else None,
+        )
+        return list(samples)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a user request; returns the core ids still to abort in the engine."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return []
+        for core_id in state.samples:
+            self._sample_owner.pop(core_id, None)
+        return [cid for cid, s in state.samples.items() if s.finish_reason is None]
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the updated request outputs, and core ids to abort (a stop string was met)."""
+        now = time.time()
+        updated: dict[str, RequestState] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            owner = self._sample_owner.get(out.request_id)
+            if owner is None:
+                continue
+            state = self.requests[owner]
+            sample = state.samples[out.request_id]
+            if sample.finish_reason is not None:  # already cut by a stop string
+                continue
+            if out.new_prompt_logprobs and state.prompt_logprobs is not None and sample.index == 0:
+                state.prompt_logprobs.extend(self._logprob_dicts(out.new_prompt_logprobs))
+            state.num_cached_tokens = out.num_cached_tokens
+            if out.new_token_ids:
+                m = state.metrics
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+                m.num_generation_tokens += len(out.new_token_ids)
+                if self._append(sample, out) and out.finish_reason is None:
+                    to_abort.append(out.request_id)
+            if out.finish_reason is not None and sample.finish_reason is None:
+                sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+            updated[owner] = state
+        results = []
+        for owner, state in updated.items():
+            if state.finished:
+                state.metrics.finished_time = now
+                del self.requests[owner]
+                for core_id in state.samples:
+                    self._sample_owner.pop(core_id, None)
+            results.append(state.output())
+        return results, to_abort
+
+    def _append(self, sample: SampleState, out: EngineCoreOutput) -> bool:
+        """Add new tokens to a sample; True when a stop string finished it here."""
+        params = sample.params
+        sample.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs is not None and sample.logprobs is not None:
+            for entry in out.new_logprobs:
+                sample.logprobs.append(self._logprob_dict(entry))
+                sample.cumulative_logprob += entry[1][0]
+        text_ids = out.new_token_ids
+        stopped_on_token = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+        if stopped_on_token and not params.include_stop_str_in_output:
+            text_ids = text_ids[:-1]  # the EOS / stop token itself adds no text
+        added = sample.detokenizer.add_tokens(text_ids)
+        stop_str = sample.detokenizer.check_stop_strings(params.stop, len(added), params.include_stop_str_in_output)
+        if stop_str is not None:
+            sample.finish_reason, sample.stop_reason = "stop", stop_str
+            return True
+        return False
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        ids, lps, rank = entry
+        result = {ids[0]: Logprob(lps[0], rank, self.tokenizer.decode([ids[0]]))}
+        for r, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+            if tid not in result:
+                result[tid] = Logprob(lp, r, self.tokenizer.decode([tid]))
+        return result
+
+    def _logprob_dicts(self, entries: list[TokenLogprobs]) -> list[dict[int, Logprob]]:
+        return [self._logprob_dict(e) for e in entries]

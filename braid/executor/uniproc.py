@@ -1,0 +1,23 @@
+"""The executor for one device: the worker lives in the engine-core process."""
+from __future__ import annotations
+
+from braid.config import EngineConfig
+from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.worker.worker import Worker
+
+
+class UniprocExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker = Worker(config)
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        pass

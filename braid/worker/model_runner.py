@@ -1,0 +1,162 @@
+"""Runs the model for one scheduled step: inputs -> forward -> logits -> sampler."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from braid.config import EngineConfig
+from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.forward_context import ForwardContext, set_forward_context
+from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
+from braid.layers.attention.metadata import build_attention_metadata
+from braid.layers.sampler import Sampler
+from braid.layers.sampling_metadata import SamplingMetadata, SamplingRow
+from braid.worker.batch_inputs import prepare_inputs
+from braid.worker.logprobs import prompt_logprobs_for_chunk, to_token_logprobs
+from braid.worker.request_state import CachedRequestState
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        from braid.models.loader import load_model
+
+        self.config = config
+        self.device = config.device.device
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model, self.device)
+        self.sampler = Sampler()
+        self.attn_backend = get_attention_backend(config.device.attention_backend)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ---- KV cache ----------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        m = self.config.model
+        per_layer = 2 * self.block_size * m.num_kv_heads * m.head_dim
+        return per_layer * m.num_layers * torch.tensor([], dtype=m.dtype).element_size()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        whole = torch.zeros((m.num_layers, *shape), dtype=m.dtype, device=self.device)
+        self.kv_caches = list(whole.unbind(0))
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    whole.numel() * whole.element_size() / 2**30)
+
+    @torch.inference_mode()
+    def profile_peak_memory(self) -> int:
+        """Run the largest batch once on a throwaway cache; return the peak bytes it allocated."""
+        sched = self.config.scheduler
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len * sched.max_num_seqs)
+        num_reqs = max(1, min(sched.max_num_seqs, num_tokens))
+        per_req = [num_tokens // num_reqs] * num_reqs
+        per_req[0] += num_tokens - sum(per_req)
+        blocks_per_req = [-(-n // self.block_size) for n in per_req]
+        m = self.config.model
+        cache = torch.zeros(kv_cache_shape(sum(blocks_per_req), self.block_size, m.num_kv_heads, m.head_dim),
+                            dtype=m.dtype, device=self.device)
+        tables, next_block = [], 0
+        for nb in blocks_per_req:
+            tables.append(list(range(next_block, next_block + nb)))
+            next_block += nb
+        meta = build_attention_metadata(per_req, per_req, tables, self.block_size, self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in per_req])
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        ctx = ForwardContext(meta, [cache] * m.num_layers, self.attn_backend)
+        with set_forward_context(ctx):
+            hidden = self.model(ids, positions)
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
+        self.sampler(logits, SamplingMetadata.build(
+            [SamplingRow(_profile_params(), [], [], None) for _ in range(num_reqs)], m.vocab_size, self.device))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del cache, hidden, logits
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- request state -----------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None and not params.greedy:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
+                sampling_params=params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                generator=generator,
+            )
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ---- one step ----------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        req_ids = list(so.num_scheduled_tokens)
+        if not req_ids:
+            return ModelRunnerOutput([], [], [])
+        states = [self.requests[r] for r in req_ids]
+        num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
+        batch = prepare_inputs(states, num_tokens, self.block_size, self.device)
+
+        ctx = ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)
+        with set_forward_context(ctx):
+            hidden = self.model(batch.input_ids, batch.positions)
+
+        # Only requests whose every known token is now computed sample a token;
+        # a partial prefill chunk samples nothing (and draws no random numbers).
+        seq_ends = batch.num_computed_before + np.asarray(num_tokens)
+        sampling_rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
+        sampled: list[list[int]] = [[] for _ in req_ids]
+        logprobs: list = [None] * len(req_ids)
+        if sampling_rows:
+            idx = torch.as_tensor(batch.last_token_indices[sampling_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[idx])
+            rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids,
+                                states[i].output_token_ids, states[i].generator) for i in sampling_rows]
+            out = self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
+            token_ids = out.sampled_token_ids.tolist()
+            per_row_lps = to_token_logprobs(out.logprobs) if out.logprobs is not None else None
+            for j, i in enumerate(sampling_rows):
+                sampled[i] = [token_ids[j]]
+                n = states[i].sampling_params.logprobs
+                if n is not None and per_row_lps is not None:
+                    ids, lps, rank = per_row_lps[j]
+                    logprobs[i] = [(ids[: n + 1], lps[: n + 1], rank)]
+
+        prompt_lps = {}
+        for i, state in enumerate(states):
+            if state.sampling_params.prompt_logprobs is not None:
+                chunk = prompt_logprobs_for_chunk(self.model, hidden, state, int(batch.query_start_loc[i]),
+                                                  int(batch.num_computed_before[i]), num_tokens[i])
+                if chunk is not None:
+                    prompt_lps[state.req_id] = chunk
+
+        for state, n in zip(states, num_tokens):
+            state.num_computed_tokens += n
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs,
+                                 prompt_logprobs=prompt_lps)
+
+
+def _profile_params():
+    from braid.sampling_params import SamplingParams
+
+    # Exercise the widest sampling path: top-k/top-p filtering and logprobs.
+    return SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=20)

@@ -1,0 +1,110 @@
+import pytest
+
+from braid.core.block_pool import BlockPool
+from braid.core.kv_cache_manager import KVCacheManager
+from tests.core.helpers import make_request
+
+
+def test_allocate_and_free_returns_pool_to_full():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True)
+    req = make_request("a", list(range(10)))
+    ids = kv.allocate_slots(req, 10)
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert kv.num_free_blocks == 7
+    kv.free(req)
+    assert kv.num_free_blocks == 10
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4, enable_caching=True)
+    req = make_request("a", list(range(12)))
+    assert kv.allocate_slots(req, 12) is None
+    assert kv.num_free_blocks == 2
+    assert "a" not in kv.req_to_blocks
+
+
+def test_prefix_hit_reuses_full_blocks_and_leaves_one_token():
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(12)))
+    kv.allocate_slots(a, 12)
+    a.num_computed_tokens = 12
+    kv.free(a)
+    # Same 12 tokens: at most 2 blocks may hit (the last token must be computed).
+    b = make_request("b", list(range(12)))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 8 and [h.block_id for h in hits] == kv_block_ids_of_first(kv, 2, a)
+    # A longer prompt sharing the first 8 tokens hits 2 blocks, then misses.
+    c = make_request("c", list(range(8)) + [99] * 8)
+    _, n = kv.get_computed_blocks(c)
+    assert n == 8
+
+
+def kv_block_ids_of_first(kv, n, req):
+    # a's blocks were freed in reverse order; they still carry their hashes.
+    return [kv.pool.lookup(h).block_id for h in req.block_hashes[:n]]
+
+
+def test_cached_free_blocks_are_evicted_lru_and_hits_are_not_double_counted():
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(8)))
+    kv.allocate_slots(a, 8)
+    kv.free(a)
+    assert kv.num_free_blocks == 4
+    b = make_request("b", list(range(8)) + [7, 7, 7, 7, 7])
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 8
+    # 13 tokens need 4 blocks: 2 hits + 2 new; both hits were free, so only 2 remain allocatable.
+    b.num_computed_tokens = 0
+    ids = kv.allocate_slots(b, 5, hits)
+    assert ids is not None and len(ids) == 4
+    assert kv.num_free_blocks == 0
+    kv.free(b)
+    assert kv.num_free_blocks == 4
+
+
+def test_shared_blocks_need_every_owner_to_free():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(9)))
+    kv.allocate_slots(a, 9)
+    b = make_request("b", list(range(9)))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 8
+    kv.allocate_slots(b, 1, hits)
+    assert kv.pool.blocks[hits[0].block_id].ref_cnt == 2
+    kv.free(a)
+    assert kv.pool.blocks[hits[0].block_id].ref_cnt == 1
+    kv.free(b)
+    assert kv.num_free_blocks == 8
+
+
+def test_no_prefix_caching_never_hits():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=False)
+    a = make_request("a", list(range(9)))
+    kv.allocate_slots(a, 9)
+    kv.free(a)
+    _, n = kv.get_computed_blocks(make_request("b", list(range(9))))
+    assert n == 0
+
+
+def test_prompt_logprobs_requests_skip_the_cache():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(9)))
+    kv.allocate_slots(a, 9)
+    kv.free(a)
+    _, n = kv.get_computed_blocks(make_request("b", list(range(9)), prompt_logprobs=1))
+    assert n == 0
+
+
+def test_lookahead_slots_reserve_extra_blocks():
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(4)))
+    ids = kv.allocate_slots(a, 4, num_lookahead_tokens=5)
+    assert len(ids) == 3
+
+
+def test_block_pool_rejects_double_free():
+    pool = BlockPool(2, enable_caching=True)
+    (b,) = pool.allocate(1)
+    pool.free([b])
+    with pytest.raises(AssertionError):
+        pool.free([b])

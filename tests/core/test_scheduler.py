@@ -1,0 +1,155 @@
+"""The scheduler against a fake model that always samples token 7 (or a scripted id)."""
+from braid.config import SchedulerConfig
+from braid.core.kv_cache_manager import KVCacheManager
+from braid.core.request import RequestStatus
+from braid.core.scheduler import Scheduler
+from braid.core.scheduler_output import ModelRunnerOutput
+from tests.core.helpers import make_request
+
+
+def make_scheduler(num_blocks=64, block_size=4, **cfg):
+    cfg.setdefault("max_model_len", 64)
+    return Scheduler(SchedulerConfig(**cfg), KVCacheManager(num_blocks, block_size, enable_caching=True))
+
+
+def fake_run(sched_out, requests, token=7):
+    """Sample `token` for every request whose known tokens are all computed after this step."""
+    ids = list(sched_out.num_scheduled_tokens)
+    sampled = []
+    for req_id in ids:
+        r = requests[req_id]
+        sampled.append([token] if r.num_computed_tokens >= r.num_tokens else [])
+    return ModelRunnerOutput(req_ids=ids, sampled_token_ids=sampled, logprobs=[None] * len(ids))
+
+
+def run_to_end(s, reqs, max_steps=500, token=7):
+    finished, steps = {}, []
+    by_id = {r.request_id: r for r in reqs}
+    for _ in range(max_steps):
+        if not s.has_unfinished_requests():
+            break
+        out = s.schedule()
+        steps.append(out)
+        for o in s.update_from_output(out, fake_run(out, by_id, token)).outputs:
+            if o.finished:
+                finished[o.request_id] = o.finish_reason
+    return finished, steps
+
+
+def test_token_budget_chunks_long_prompts_and_mixes_decodes():
+    s = make_scheduler(max_num_batched_tokens=8)
+    a = make_request("a", list(range(20)), max_tokens=3)
+    s.add_request(a)
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8}
+    assert a.num_computed_tokens == 8
+    s.update_from_output(out, fake_run(out, {"a": a}))
+    assert a.num_output_tokens == 0  # partial prefill samples nothing
+    b = make_request("b", [1, 2, 3], max_tokens=3)
+    s.add_request(b)
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 8}  # budget spent on the running request first
+    s.update_from_output(out, fake_run(out, {"a": a, "b": b}))
+    out = s.schedule()
+    assert out.num_scheduled_tokens == {"a": 4, "b": 3}
+    s.update_from_output(out, fake_run(out, {"a": a, "b": b}))
+    finished, _ = run_to_end(s, [a, b])
+    assert a.output_token_ids == [7, 7, 7] and b.num_output_tokens == 3
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_max_num_seqs_limits_running_requests():
+    s = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100)
+    reqs = [make_request(str(i), [1, 2, 3], max_tokens=2) for i in range(5)]
+    for r in reqs:
+        s.add_request(r)
+    finished, steps = run_to_end(s, reqs)
+    assert list(steps[0].num_scheduled_tokens) == ["0", "1"]
+    assert all(len(st.num_scheduled_tokens) <= 2 for st in steps)
+    assert set(finished) == {"0", "1", "2", "3", "4"}
+    assert all(r.num_output_tokens == 2 for r in reqs)
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_fcfs_order_of_admission():
+    s = make_scheduler(max_num_batched_tokens=4)
+    reqs = [make_request(str(i), [1, 2, 3, 4], max_tokens=1) for i in range(3)]
+    for r in reqs:
+        s.add_request(r)
+    order = []
+    for _ in range(10):
+        if not s.has_unfinished_requests():
+            break
+        out = s.schedule()
+        order.extend(r.req_id for r in out.scheduled_new_reqs)
+        s.update_from_output(out, fake_run(out, {r.request_id: r for r in reqs}))
+    assert order == ["0", "1", "2"]
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    # 6 blocks of 4 tokens; two requests each growing to 12 tokens cannot both fit.
+    s = make_scheduler(num_blocks=6, max_num_batched_tokens=64, max_model_len=24)
+    a = make_request("a", list(range(8)), max_tokens=8)
+    b = make_request("b", list(range(100, 108)), max_tokens=8)
+    s.add_request(a)
+    s.add_request(b)
+    finished, steps = run_to_end(s, [a, b])
+    assert s.num_preemptions >= 1
+    assert b.num_preemptions >= 1 and a.num_preemptions == 0  # the newest is preempted
+    assert finished == {"a": "length", "b": "length"}
+    assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
+    # A resumed request is sent whole again, with the outputs it had before preemption.
+    resumed = [n for st in steps for n in st.scheduled_new_reqs if n.req_id == "b" and n.output_token_ids]
+    assert resumed and resumed[0].num_computed_tokens % 4 == 0
+    assert any("b" in st.finished_req_ids for st in steps)
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_abort_running_and_waiting_frees_blocks():
+    s = make_scheduler(max_num_seqs=1)
+    a = make_request("a", [1, 2, 3, 4, 5])
+    b = make_request("b", [1, 2, 3])
+    s.add_request(a)
+    s.add_request(b)
+    out = s.schedule()
+    s.update_from_output(out, fake_run(out, {"a": a, "b": b}))
+    s.abort_requests(["a", "b", "unknown"])
+    assert a.status == RequestStatus.FINISHED_ABORTED and b.status == RequestStatus.FINISHED_ABORTED
+    assert not s.has_unfinished_requests()
+    assert s.kv.num_free_blocks == s.kv.num_blocks
+    assert "a" in s.schedule().finished_req_ids
+
+
+def test_stop_token_respects_min_tokens_and_ignore_eos():
+    s = make_scheduler()
+    a = make_request("a", [1, 2], max_tokens=5, min_tokens=2)
+    a.sampling_params.eos_token_ids = [7]
+    b = make_request("b", [1, 2], max_tokens=3, ignore_eos=True)
+    b.sampling_params.eos_token_ids = [7]
+    c = make_request("c", [1, 2], max_tokens=5, stop_token_ids=[7])
+    for r in (a, b, c):
+        s.add_request(r)
+    finished, _ = run_to_end(s, [a, b, c])
+    assert a.output_token_ids == [7, 7] and finished["a"] == "stop"
+    assert b.output_token_ids == [7, 7, 7] and finished["b"] == "length"
+    assert c.output_token_ids == [7] and c.stop_reason == 7
+
+
+def test_generation_stops_at_max_model_len():
+    s = make_scheduler(max_model_len=6)
+    a = make_request("a", [1, 2, 3, 4], max_tokens=50)
+    s.add_request(a)
+    finished, _ = run_to_end(s, [a])
+    assert finished == {"a": "length"} and a.num_tokens == 6
+
+
+def test_prefix_cache_hit_skips_computed_tokens():
+    s = make_scheduler(max_num_batched_tokens=64)
+    a = make_request("a", list(range(10)), max_tokens=1)
+    s.add_request(a)
+    run_to_end(s, [a])
+    b = make_request("b", list(range(10)), max_tokens=1)
+    s.add_request(b)
+    out = s.schedule()
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 8
+    assert out.num_scheduled_tokens == {"b": 2}

@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 
 from braid.engine.messages import TokenLogprobs
-from braid.layers.sampler import LogprobsTensors, compute_logprobs_tensors
+from braid.layers.sampler import LogprobsTensors, compute_logprobs
 from braid.worker.request_state import CachedRequestState
+
+# Rows of vocab-sized float32 logits materialised at once for prompt logprobs.
+_PROMPT_LOGPROBS_ROWS = 512
 
 
 def to_token_logprobs(t: LogprobsTensors) -> list[TokenLogprobs]:
@@ -25,7 +28,11 @@ def prompt_logprobs_for_chunk(
     first, end = computed_before, min(computed_before + num_tokens, state.num_prompt_tokens - 1)
     if end <= first:
         return None
-    logits = model.compute_logits(hidden[query_start : query_start + (end - first)])
-    targets = torch.tensor(state.prompt_token_ids[first + 1 : end + 1], device=logits.device)
     n = state.sampling_params.prompt_logprobs
-    return to_token_logprobs(compute_logprobs_tensors(logits, targets, n))
+    result: list[TokenLogprobs] = []
+    for lo in range(first, end, _PROMPT_LOGPROBS_ROWS):
+        hi = min(lo + _PROMPT_LOGPROBS_ROWS, end)
+        rows = hidden[query_start + lo - first : query_start + hi - first]
+        targets = torch.tensor(state.prompt_token_ids[lo + 1 : hi + 1], device=hidden.device)
+        result.extend(to_token_logprobs(compute_logprobs(model.compute_logits(rows), n, targets)))
+    return result

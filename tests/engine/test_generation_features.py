@@ -1,0 +1,92 @@
+"""Engine-level behaviour of sampling features: seeds, n, stop strings and ids,
+min/max tokens, timing metrics, chat and text prompts."""
+import pytest
+
+from braid import LLM, SamplingParams
+from tests.engine.conftest import assert_pool_full
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM(smollm2_path, max_model_len=256, kv_cache_memory="128MiB")
+
+
+def _text(llm, prompt, **kw):
+    return llm.generate(prompt, SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+
+
+def test_seeded_sampling_reproduces_alone_and_in_a_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    a = llm.generate("Tell me a story", params, use_tqdm=False)[0].outputs[0].token_ids
+    b = llm.generate("Tell me a story", params, use_tqdm=False)[0].outputs[0].token_ids
+    assert a == b
+    mixed = [SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)] * 3 + [params]
+    batch = llm.generate(["x y z", "Once", "Tell me a joke", "Tell me a story"], mixed, use_tqdm=False)
+    assert batch[3].outputs[0].token_ids == a
+    other = llm.generate("Tell me a story", SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=16,
+                                                          ignore_eos=True), use_tqdm=False)
+    assert other[0].outputs[0].token_ids != a
+    assert_pool_full(llm)
+
+
+def test_n_samples(llm):
+    out = llm.generate("The weather today", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12,
+                                                           ignore_eos=True), use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    greedy = llm.generate("The weather today", SamplingParams(n=2, temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert_pool_full(llm)
+
+
+def test_stop_string_cuts_the_text(llm):
+    full = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True)
+    assert " 7" in full.text
+    cut = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True, stop=[" 7"])
+    assert cut.finish_reason == "stop" and cut.stop_reason == " 7"
+    assert cut.text == full.text[: full.text.index(" 7")]
+    kept = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True, stop=[" 7"],
+                 include_stop_str_in_output=True)
+    assert kept.text == full.text[: full.text.index(" 7") + 2]
+    assert_pool_full(llm)
+
+
+def test_stop_token_ids_min_tokens_and_max_tokens(llm):
+    full = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=10, ignore_eos=True)
+    stop_id = full.token_ids[3]
+    first = full.token_ids.index(stop_id)
+    out = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id])
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    longer = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=10, ignore_eos=True,
+                   stop_token_ids=[stop_id], min_tokens=first + 2)
+    assert len(longer.token_ids) > first + 1
+    assert full.finish_reason == "length" and len(full.token_ids) == 10
+
+
+def test_eos_stops_unless_ignored(llm):
+    chat = [{"role": "user", "content": "Say hi."}]
+    out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=200), use_tqdm=False)[0].outputs[0]
+    eos = set(llm.llm_engine.input_processor.eos_token_ids)
+    assert out.finish_reason == "stop" and out.token_ids[-1] in eos
+    assert "<|im_end|>" not in out.text
+    ignored = llm.chat(chat, SamplingParams(temperature=0, max_tokens=len(out.token_ids) + 5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == len(out.token_ids) + 5
+
+
+def test_metrics_and_text_round_trip(llm):
+    out = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    m = out.metrics
+    assert m.time_to_first_token > 0 and m.time_per_output_token > 0 and m.e2e_latency >= m.time_to_first_token
+    tok = llm.get_tokenizer()
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+    assert out.prompt == "Hello, my name is" and out.prompt_token_ids == tok.encode("Hello, my name is")
+
+
+def test_max_tokens_none_runs_to_the_context_limit(llm):
+    out = llm.generate(list(range(1, 240)), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 256 - 239 and out.finish_reason == "length"

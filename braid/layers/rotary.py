@@ -1,0 +1,148 @@
+"""Rotary position embedding (HF's rotate-half / GPT-NeoX layout) with a cos/sin cache.
+
+The cache holds cos and sin for every position up to max_position, computed in
+float32 exactly as HF transformers computes them (inv_freq, then
+positions * inv_freq, then cos/sin), so float32 outputs match HF.
+
+Supported rope types: default (none), "linear", "llama3". Any other type is a
+ValueError naming it. `rope_params_from_config` reads rope_theta/rope_scaling
+from both transformers 4 (`config.rope_theta`, `config.rope_scaling`) and
+transformers 5 (`config.rope_parameters`) configs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_params_from_config(config: Any) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling dict or None) from an HF config, old or new style."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # per-layer-type parameters (transformers 5): the full-attention ones apply here
+        params = params.get("full_attention") or next(iter(params.values()))
+    scaling = None
+    if isinstance(params, dict) and params:
+        theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+        scaling = dict(params)
+    else:
+        theta = getattr(config, "rope_theta", None)
+        legacy = getattr(config, "rope_scaling", None)
+        scaling = dict(legacy) if isinstance(legacy, dict) and legacy else None
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+    return float(theta), scaling
+
+
+def rope_type_of(scaling: dict | None) -> str:
+    if not scaling:
+        return "default"
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def compute_inv_freq(
+    rotary_dim: int, base: float, scaling: dict | None, max_position: int
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim // 2] float32 on CPU, attention scaling of cos/sin), as HF computes them."""
+    rope_type = rope_type_of(scaling)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope type {rope_type!r} (rope_scaling/rope_parameters); supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    arange = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (arange / rotary_dim))
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+        old_context_len = scaling.get("original_max_position_embeddings") or max_position
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq_llama)
+    return inv_freq, 1.0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """forward(positions [T], q [T, Hq*D], k [T, Hk*D]) -> rotated (q, k), same shapes and dtype."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int | None = None,
+        max_position: int = 4096,
+        base: float = 10000.0,
+        rope_scaling: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim or head_dim
+        self.max_position = max_position
+        self.base = base
+        self.rope_type = rope_type_of(rope_scaling)
+        inv_freq, attention_scaling = compute_inv_freq(self.rotary_dim, base, rope_scaling, max_position)
+        # Computed on the CPU (deterministic, as HF does at init), then moved to
+        # the default device; float32 [max_position, rotary_dim] each, not in the state dict.
+        positions = torch.arange(max_position, dtype=torch.int64, device="cpu").to(torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        device = torch.get_default_device()
+        self.register_buffer("cos_cache", (emb.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin_cache", (emb.sin() * attention_scaling).to(device), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = positions.shape[0]
+        cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)  # [T, 1, rot]
+        sin = self.sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
+        return self._apply(q, cos, sin, num_tokens), self._apply(k, cos, sin, num_tokens)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        shape = x.shape
+        x = x.view(num_tokens, -1, self.head_dim)
+        if self.rotary_dim == self.head_dim:
+            out = x * cos + _rotate_half(x) * sin
+        else:
+            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+            out = torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+        return out.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}, base={self.base}, rope_type={self.rope_type}"
+
+
+def get_rope(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None = None,
+    rotary_dim: int | None = None,
+) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, rotary_dim, max_position, base, rope_scaling)
+
+
+def get_rope_from_config(config: Any, head_dim: int) -> RotaryEmbedding:
+    base, scaling = rope_params_from_config(config)
+    partial = (scaling or {}).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    max_position = int(getattr(config, "max_position_embeddings", None) or 4096)
+    return get_rope(head_dim, max_position, base, scaling, rotary_dim=int(head_dim * partial))

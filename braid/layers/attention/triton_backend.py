@@ -1,0 +1,81 @@
+"""Attention backend on Triton kernels over the paged KV cache.
+
+Per forward: one kernel writes this step's k/v into the cache, then either the
+unified kernel (any mix of prefills, chunked-prefill continuations and decodes,
+one launch) or, for decode-only batches with long contexts, the split-KV decode
+kernels. Same contract as torch_ref.TorchReferenceBackend, which is the spec.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from braid.layers.attention.metadata import AttentionMetadata
+from braid.layers.attention.triton_cache_write import write_kv_cache_triton
+from braid.layers.attention.triton_decode_attention import split_kv_decode_attention
+from braid.layers.attention.triton_unified_attention import unified_attention
+
+# Split-KV decode pays a second launch and fp32 scratch traffic; it wins only when
+# contexts are long enough that a single program per (request, kv head) is the bottleneck.
+SPLIT_KV_MIN_SEQ_LEN = 1024
+KEYS_PER_SPLIT = 512  # aim for at least this many keys per split program
+MAX_SPLITS = 16
+# With this many (request, kv head) programs the GPU is already full without splitting
+# (a few waves over ~132 SMs).
+SPLIT_KV_MAX_PROGRAMS = 512
+
+
+def choose_num_splits(max_query_len: int, max_seq_len: int, num_reqs: int, num_kv_heads: int) -> int:
+    """1 = unified kernel; >1 = split-KV decode with that many (power-of-two) splits."""
+    if max_query_len != 1 or max_seq_len < SPLIT_KV_MIN_SEQ_LEN:
+        return 1
+    if num_reqs * num_kv_heads >= SPLIT_KV_MAX_PROGRAMS:
+        return 1
+    splits = triton.next_power_of_2(triton.cdiv(max_seq_len, KEYS_PER_SPLIT))
+    return max(1, min(splits, MAX_SPLITS))
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, num_kv_splits: int | None = None) -> None:
+        # num_kv_splits forces the decode path choice (tests, benchmarks): 1 = never
+        # split, N > 1 = split N ways whenever the batch is decode-only.
+        self.num_kv_splits = num_kv_splits
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
+        out = torch.empty_like(q)
+        # Padded tail tokens belong to no request: zeros, as in the reference.
+        out[metadata.num_actual_tokens :].zero_()
+        if metadata.num_reqs == 0 or metadata.num_actual_tokens == 0:
+            return out
+
+        num_kv_heads = kv_cache.shape[3]
+        if metadata.max_query_len == 1:
+            if self.num_kv_splits is not None:
+                splits = self.num_kv_splits
+            else:
+                splits = choose_num_splits(1, metadata.max_seq_len, metadata.num_reqs, num_kv_heads)
+        else:
+            splits = 1
+        if splits > 1:
+            split_kv_decode_attention(
+                out, q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+                splits, scale, sliding_window,
+            )  # fmt: skip
+        else:
+            unified_attention(
+                out, q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+                metadata.max_query_len, scale, sliding_window,
+            )  # fmt: skip
+        return out

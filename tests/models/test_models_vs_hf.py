@@ -287,3 +287,128 @@ def test_gguf_smollm2_matches_hf(gguf_path, gguf_tokenizer, hf_gguf_model):
     # 30 layers of real weights: logits are O(10); float32 reassociation noise (fused q/k/v and
     # gate/up matmuls) stays well within 1e-4 relative.
     compare(gguf_path, hf_gguf_model, prompts, eos, atol=2e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- loading: dummy, errors
+
+
+def _config_for(arch: str, **overrides):
+    from tests.tiny_checkpoints import tiny_config
+
+    return tiny_config(arch, **overrides)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dummy_load_gives_finite_logits(arch):
+    cfg = _config_for(arch, num_hidden_layers=3)
+    mc = ModelConfig(model="unused", hf_config=cfg, dtype=torch.float32, load_format="dummy", max_model_len=64, seed=7)
+    model = load_model(mc, "cpu")
+    assert not model.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    w = model.model.layers[0].self_attn.qkv_proj.weight
+    assert 0 < float(w.abs().max()) <= 1e-3
+    assert torch.all(model.model.norm.weight == 1)
+    runner = PagedRunner(model, cfg)
+    logits, gen = runner.generate([[1, 2, 3, 4, 5], [9, 8]], 3)
+    assert all(torch.isfinite(lg).all() for lg in logits)
+    again = load_model(mc, "cpu")  # same seed -> same weights
+    assert torch.equal(again.model.layers[0].self_attn.qkv_proj.weight, w)
+
+
+def test_dummy_load_bfloat16():
+    cfg = _config_for("llama")
+    mc = ModelConfig(model="unused", hf_config=cfg, dtype=torch.bfloat16, load_format="dummy", max_model_len=64)
+    model = load_model(mc, "cpu")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    runner = PagedRunner(model, cfg)
+    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+    logits, _ = runner.generate([[1, 2, 3]], 2)
+    assert logits[0].dtype == torch.float32 and torch.isfinite(logits[0]).all()
+
+
+def test_corrupt_safetensors_gives_clear_error(tmp_path):
+    path = make_tiny_checkpoint("llama", tmp_path / "bad")
+    weights = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        braid_model(path)
+    with open(weights, "wb") as f:
+        f.write(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model\.safetensors"):
+        braid_model(path)
+
+
+def test_missing_shard_gives_clear_error(tmp_path):
+    path = make_tiny_checkpoint("llama", tmp_path / "sh", shard=True)
+    shard = sorted(n for n in os.listdir(path) if n.startswith("model-"))[0]
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(ValueError, match=shard):
+        braid_model(path)
+
+
+def test_unknown_architecture_gives_clear_error():
+    from braid.models.registry import get_model_class
+
+    cfg = _config_for("llama")
+    cfg.architectures = ["FooForCausalLM"]
+    with pytest.raises(ValueError, match=r"FooForCausalLM.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        get_model_class(cfg)
+    mc = ModelConfig(model="unused", hf_config=cfg, dtype=torch.float32, load_format="dummy", max_model_len=64)
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        load_model(mc, "cpu")
+
+
+def test_unsupported_rope_type_names_it():
+    cfg = _config_for("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    mc = ModelConfig(model="unused", hf_config=cfg, dtype=torch.float32, load_format="dummy", max_model_len=64)
+    with pytest.raises(ValueError, match="yarn"):
+        load_model(mc, "cpu")
+
+
+def test_load_weights_rejects_missing_and_unexpected(tmp_path):
+    from braid.models.loader.safetensors_loader import safetensors_weights
+    from braid.models.registry import get_model_class
+
+    path = make_tiny_checkpoint("llama", tmp_path / "w")
+    cfg = load_hf_config(path)
+    weights = list(safetensors_weights(path))
+    model = get_model_class(cfg)(cfg)
+    loaded = model.load_weights(iter(weights))
+    assert loaded == {n for n, _ in model.named_parameters()}
+    dropped = [(n, t) for n, t in weights if n != "model.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing .*model\.layers\.1\.self_attn\.qkv_proj\.weight"):
+        get_model_class(cfg)(cfg).load_weights(iter(dropped))
+    extra = weights + [("model.layers.0.mlp.extra.weight", torch.zeros(2))]
+    with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.0\.mlp\.extra\.weight'"):
+        get_model_class(cfg)(cfg).load_weights(iter(extra))
+    bad_shape = [(n, t[:-1] if n == "model.norm.weight" else t) for n, t in weights]
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*shape"):
+        get_model_class(cfg)(cfg).load_weights(iter(bad_shape))
+    # rotary inv_freq in old checkpoints is ignored
+    model = get_model_class(cfg)(cfg)
+    model.load_weights(iter(weights + [("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(8))]))
+
+
+def test_tied_embeddings_share_the_weight(tmp_path):
+    path = make_tiny_checkpoint("qwen2", tmp_path / "t")
+    model, _ = braid_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_gguf_reverse_permute_inverts_llama_cpp_permute():
+    import numpy as np
+
+    from braid.models.loader.gguf_loader import gguf_to_hf_name, reverse_permute
+
+    def llama_cpp_permute(weights, n_head):  # convert_hf_to_gguf.LlamaModel.permute
+        return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+    w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)
+    assert np.array_equal(reverse_permute(llama_cpp_permute(w, 3), 3), w)
+    assert not np.array_equal(llama_cpp_permute(w, 3), w)
+    assert gguf_to_hf_name("blk.7.attn_output.weight") == "model.layers.7.self_attn.o_proj.weight"
+    assert gguf_to_hf_name("output.weight") == "lm_head.weight"
+    with pytest.raises(ValueError, match="blk.0.mystery"):
+        gguf_to_hf_name("blk.0.mystery.weight")

@@ -1,0 +1,104 @@
+"""Decode step time at several batch sizes against its floor.
+
+Runs the engine core on random weights of a real model shape: B requests with
+a `--context`-token prompt are prefilled, then full engine steps (schedule,
+inputs, forward, sample, outputs) are timed while every request decodes.
+Floor = (weight bytes + KV bytes read) / measured copy bandwidth.
+
+    python benchmarks/decode_step.py --shape llama3-8b --batch-sizes 1,64,256 --out result.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from braid.bench.floors import decode_bytes, measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.run_info import run_info, write_result
+from braid.bench.shapes import write_shape
+from braid.engine.arg_utils import EngineArgs
+from braid.engine.core import EngineCore
+from braid.engine.messages import EngineCoreRequest
+from braid.sampling_params import SamplingParams
+
+
+def time_decode_steps(core: EngineCore, batch: int, context: int, steps: int, vocab: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    ids = []
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
+        req_id = f"b{batch}-{i}"
+        ids.append(req_id)
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        core.add_request(EngineCoreRequest(req_id, prompt, params))
+    # Prefill: step until every request has its first token.
+    started: set[str] = set()
+    while len(started) < batch:
+        for out in core.step().outputs:
+            started.add(out.request_id)
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = core.step().outputs
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        assert len(outs) == batch, f"expected a token for all {batch} requests, got {len(outs)}"
+    core.abort_requests(ids)
+    kv = core.kv_cache_manager
+    assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked"
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--batch-sizes", default="1,16,64,256")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+
+    bw = measure_copy_bandwidth()
+    flops = measure_matmul_rate()
+    engine_args = EngineArgs(model=write_shape(args.shape), load_format="dummy", dtype="bfloat16",
+                             max_model_len=args.context + args.steps + 64, max_num_seqs=max(batches),
+                             max_num_batched_tokens=8192, enable_prefix_caching=False,
+                             attention_backend=args.attention_backend)
+    config = engine_args.create_engine_config()
+    core = EngineCore(config)
+    model = core.executor.worker.model_runner.model
+    hf = config.model.hf_config
+    num_params = sum(p.numel() for p in model.parameters())
+    embed_params = hf.vocab_size * hf.hidden_size
+
+    rows = []
+    for batch in batches:
+        times = time_decode_steps(core, batch, args.context, args.steps, hf.vocab_size, seed=batch)
+        median = statistics.median(times[3:])  # the first steps warm up allocator and autotuner
+        floor_bytes = decode_bytes(num_params, embed_params if not hf.tie_word_embeddings else 0, hf.hidden_size,
+                                   batch, args.context, hf.num_hidden_layers, config.model.num_kv_heads,
+                                   config.model.head_dim, 2)
+        floor = floor_bytes / bw
+        rows.append(dict(batch=batch, context=args.context, step_ms_median=median * 1e3,
+                         step_ms_all=[t * 1e3 for t in times], floor_ms=floor * 1e3, floor_bytes=floor_bytes,
+                         ratio_to_floor=median / floor))
+    result = dict(benchmark="decode_step", **run_info(), shape=args.shape, model_config=hf.to_dict(),
+                  params=num_params, copy_bandwidth_Bps=bw, matmul_flops=flops,
+                  engine=dict(dtype="bfloat16", block_size=config.cache.block_size,
+                              attention_backend=config.device.attention_backend, cuda_graphs=False,
+                              num_kv_blocks=core.num_blocks),
+                  results=rows)
+    write_result(args.out, result)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, params {num_params / 1e9:.2f} B")
+    print(f"{'batch':>6} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['step_ms_median']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio_to_floor']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

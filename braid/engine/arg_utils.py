@@ -83,12 +83,12 @@ class EngineArgs:
 
     def _device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was given, but no CUDA device is available")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}")
-        return torch.device(self.device)
+        return torch.device("cuda", 0) if self.device == "cuda" else torch.device("cpu")
 
     def create_engine_config(self) -> EngineConfig:
         from braid.transformers_utils import load_hf_config, resolve_model_path

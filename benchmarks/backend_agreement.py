@@ -17,10 +17,16 @@ def main() -> None:
     rows = [compare(model, dtype) for dtype in ("float32", "bfloat16")]
     write_result(args.out, dict(benchmark="backend_agreement", **run_info(), model="SmolLM2-135M-Instruct Q4_1 GGUF",
                                 results=rows))
+    def line(name, d):
+        print(f"{name:>24}: greedy identical {sum(d['greedy_identical'])}/{len(d['greedy_identical'])}, "
+              f"prompt logprob max|d| {d['prompt_logprob_max_abs_diff']:.2e} mean {d['prompt_logprob_mean_abs_diff']:.2e}, "
+              f"sample max|d| {d['sample_logprob_max_abs_diff']:.2e}")
+
     for r in rows:
-        print(f"{r['dtype']:>9}: greedy identical {sum(r['greedy_identical'])}/{r['num_prompts']}, "
-              f"prompt logprob max|d| {r['prompt_logprob_max_abs_diff']:.2e} mean {r['prompt_logprob_mean_abs_diff']:.2e}, "
-              f"sample logprob max|d| {r['sample_logprob_max_abs_diff']:.2e}")
+        line(f"{r['dtype']} triton vs torch", r)
+        for key in ("torch_vs_float32", "triton_vs_float32"):
+            if key in r:
+                line(f"bf16 {key}", r[key])
 
 
 if __name__ == "__main__":

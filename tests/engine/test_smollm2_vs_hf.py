@@ -5,17 +5,12 @@ import pytest
 import torch
 
 from braid import LLM, SamplingParams
+from braid.bench.backend_agreement import PROMPTS
 from tests.engine.conftest import assert_pool_full
 from tests.engine.hf_reference import hf_greedy, hf_prompt_logprobs, load_hf_model
 
-RAW_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Once upon a time, in a small village by the sea, there lived",
-    "1, 2, 3, 5, 8, 13,",
-    "Translate to French: I would like a cup of coffee, please.",
-    "The three primary colors are",
-]
+# Six varied raw prompts shared with the GPU agreement check.
+RAW_PROMPTS = PROMPTS[:6]
 CHAT_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a concise assistant."},

@@ -24,10 +24,19 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    def visible_text(self) -> str:
+        """The text so far, holding back a tail that could still grow into a stop string,
+        so a stream never shows characters that the stop string later removes."""
+        text = self.detokenizer.output_text
+        if self.finish_reason is None and self.params.stop and not self.params.include_stop_str_in_output:
+            holdback = max(len(s) for s in self.params.stop) - 1
+            return text[: max(0, len(text) - holdback)]
+        return text
+
     def completion(self) -> CompletionOutput:
         return CompletionOutput(
             index=self.index,
-            text=self.detokenizer.output_text,
+            text=self.visible_text(),
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
             logprobs=self.logprobs,

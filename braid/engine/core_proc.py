@@ -1,0 +1,134 @@
+"""EngineCore in its own process: a busy loop that drains requests from the
+frontend, steps the engine while there is work, and pushes outputs back.
+
+Nothing here waits on HTTP work: the frontend lives in another process, and
+a reader thread moves incoming messages to a queue so a step is never
+delayed by socket I/O.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import traceback
+
+import zmq
+
+from braid.engine import serialization as ser
+
+logger = logging.getLogger(__name__)
+
+# How often an idle core checks that its parent is still alive.
+_IDLE_POLL_S = 1.0
+
+
+class EngineCoreProc:
+    UTILITY_METHODS = ("reset_prefix_cache", "num_free_blocks", "num_blocks")
+
+    def __init__(self, core, input_addr: str, output_addr: str) -> None:
+        self.core = core
+        self.ctx = zmq.Context()
+        self.input_socket = self.ctx.socket(zmq.PULL)
+        self.input_socket.connect(input_addr)
+        self.output_socket = self.ctx.socket(zmq.PUSH)
+        self.output_socket.connect(output_addr)
+        self.inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read_input, daemon=True, name="braid-core-input").start()
+
+    def _read_input(self) -> None:
+        while True:
+            try:
+                self.inbox.put(ser.decode(self.input_socket.recv_multipart()))
+            except ValueError as e:  # a malformed message is dropped, never executed
+                logger.error("dropped a message: %s", e)
+            except zmq.ZMQError:
+                return
+
+    def _handle(self, kind: bytes, body) -> bool:
+        """Apply one message; False means shut down."""
+        if kind == ser.ADD:
+            try:
+                self.core.add_request(body)
+            except ValueError as e:  # e.g. a duplicate id: report it as a finished request
+                logger.error("rejected request %s: %s", body.request_id, e)
+        elif kind == ser.ABORT:
+            self.core.abort_requests(body)
+        elif kind == ser.UTILITY:
+            self._send(ser.UTILITY_RESULT, self._utility(body))
+        elif kind == ser.SHUTDOWN:
+            return False
+        return True
+
+    def _utility(self, call: ser.UtilityCall) -> ser.UtilityResult:
+        if call.method not in self.UTILITY_METHODS:
+            return ser.UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
+        if call.method == "reset_prefix_cache":
+            return ser.UtilityResult(call.call_id, self.core.reset_prefix_cache())
+        kv = self.core.kv_cache_manager
+        return ser.UtilityResult(call.call_id, getattr(kv, call.method))
+
+    def _send(self, kind: bytes, body=None) -> None:
+        self.output_socket.send_multipart(ser.encode(kind, body), copy=False)
+
+    def run(self, parent_pid: int) -> None:
+        running = True
+        while running:
+            if not self.core.has_unfinished_requests():
+                try:
+                    message = self.inbox.get(timeout=_IDLE_POLL_S)
+                except queue.Empty:
+                    if os.getppid() != parent_pid:  # the frontend is gone: do not linger as an orphan
+                        return
+                    continue
+                running = self._handle(*message)
+            while running:
+                try:
+                    running = self._handle(*self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if running and self.core.has_unfinished_requests():
+                self._send(ser.OUTPUTS, self.core.step())
+
+    def close(self) -> None:
+        self.input_socket.close(linger=0)
+        self.output_socket.close(linger=1000)
+        self.ctx.term()
+
+
+def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, parent_pid: int) -> None:
+    """Entry point of the engine-core process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when to stop
+    # Nothing to flush on SIGTERM: requests die with the process, the frontend reports it.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    logging.basicConfig(level=os.environ.get("BRAID_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s braid-core: %(message)s")
+    proc = None
+    try:
+        from braid.engine.core import EngineCore
+
+        config = engine_args.create_engine_config()
+        core = EngineCore(config)
+        proc = EngineCoreProc(core, input_addr, output_addr)
+        info = ser.ReadyInfo(core.num_blocks, config.cache.block_size, config.scheduler.max_model_len)
+        ready_pipe.send_bytes(b"".join([ser.READY, b"\0", ser.encode(ser.READY, info)[1]]))
+    except BaseException as e:  # noqa: BLE001 - every startup failure goes back to the frontend
+        message = f"{type(e).__name__}: {e}"
+        ready_pipe.send_bytes(ser.ERROR + b"\0" + ser.encode(ser.ERROR, message)[1])
+        return
+    finally:
+        ready_pipe.close()
+    try:
+        proc.run(parent_pid)
+    except SystemExit:
+        pass
+    except BaseException as e:  # noqa: BLE001 - a dead core must say why before it goes
+        logger.error("engine core failed:\n%s", traceback.format_exc())
+        try:
+            proc._send(ser.ERROR, f"{type(e).__name__}: {e}")
+        except zmq.ZMQError:
+            pass
+        os._exit(1)
+    finally:
+        proc.close()

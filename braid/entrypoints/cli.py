@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=cmd_chat)
+
+    from braid.bench.cli import add_bench_subparsers
+
+    add_bench_subparsers(sub)
     return parser
 
 

@@ -486,6 +486,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.request_timeout <= 0 or (args.max_run_time is not None and args.max_run_time <= 0):
         raise ValueError("--request-timeout and --max-run-time must be positive")
+    if args.prompts_per_concurrency is not None and args.prompts_per_concurrency < 1:
+        raise ValueError("--prompts-per-concurrency must be >= 1")
     if args.num_warmups < 0:
         raise ValueError("--num-warmups must be >= 0")
     if args.dataset == "sharegpt" and not args.dataset_path:
@@ -533,7 +535,11 @@ async def _benchmark(args: argparse.Namespace, out=None) -> dict[str, Any]:
     for k, (concurrency, rate) in enumerate(sweep):
         # Random prompts: run k uses seed + k, so a sweep never re-sends prompts the server has cached.
         seed = args.seed + k if args.dataset == "random" else args.seed
-        requests = build_requests(args, seed=seed, num_prompts=args.num_prompts)
+        num_prompts = args.num_prompts
+        if args.prompts_per_concurrency and concurrency:
+            # Keep a sweep affordable: a few waves at low concurrency, --num-prompts at most.
+            num_prompts = min(num_prompts, args.prompts_per_concurrency * concurrency)
+        requests = build_requests(args, seed=seed, num_prompts=num_prompts)
         print(f"model {model} at {url}: {len(requests)} requests, request rate "
               f"{'inf' if math.isinf(rate) else rate}, max concurrency {concurrency or 'inf'}", file=out)
         results, duration = await run_once(requests, request_rate=rate, max_concurrency=concurrency,
@@ -590,6 +596,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None,
                         help="HF folder or .gguf: random prompts become text, ShareGPT replies set output lengths")
     parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--prompts-per-concurrency", type=int, default=None,
+                        help="in a --max-concurrency sweep, send min(--num-prompts, this x concurrency) per run")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--range-ratio", type=float, default=0.0,

@@ -1,0 +1,386 @@
+"""`braid serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+    app = build_app(engine, args)   # routes over an AsyncLLM
+    run_server(args)                # start the engine core, serve until SIGINT/SIGTERM, stop the core
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from braid.entrypoints.openai_serving import APIError, api_error_for, bad_request, parse_json
+from braid.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from braid.entrypoints.serving_chat import OpenAIServingChat
+from braid.entrypoints.serving_completion import OpenAIServingCompletion
+from braid.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+# ---- guards: API key and body size, before any route reads the body -------------------------
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware (streams pass through untouched): checks the bearer token on
+    /v1 routes, then caps the body (Content-Length first, then counting what arrives)
+    and hands the buffered body to the app."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def _reject(self, send, error: APIError, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(error.body()).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        value = headers.get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and scope["method"] != "OPTIONS":
+            if not self._authorized(headers):
+                error = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                                 code="invalid_api_key")
+                return await self._reject(send, error, {"www-authenticate": "Bearer"})
+        too_large = APIError(413, f"The request body exceeds the server's limit of {self.max_body_bytes} bytes "
+                                  f"(--max-request-body-bytes).", code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await self._reject(send, bad_request("invalid Content-Length header"))
+            if declared > self.max_body_bytes:
+                return await self._reject(send, too_large)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                return await self._reject(send, too_large)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then: http.disconnect when the client goes
+
+        await self.app(scope, replay, send)
+
+
+# ---- client disconnects abort their requests ---------------------------------------------
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class CancellableStreamingResponse(StreamingResponse):
+    """Streams SSE while listening for the client: when it goes, the body generator is
+    closed, which cancels the engine requests inside it (freeing their KV blocks)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        listener = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({stream, listener}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, listener):
+                task.cancel()
+            await asyncio.gather(stream, listener, return_exceptions=True)
+            await self.body_iterator.aclose()
+        if stream.done() and not stream.cancelled() and stream.exception() is not None:
+            if not isinstance(stream.exception(), OSError):
+                logger.error("stream failed", exc_info=stream.exception())
+
+
+async def with_cancellation(request: Request, work) -> Any:
+    """Run `work` (a coroutine) unless the client disconnects first; then cancel it (vLLM's
+    with_cancellation): cancelling a non-streamed request aborts it in the engine."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, listener, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+# ---- the app ------------------------------------------------------------------------------
+
+
+def served_model_names(args) -> list[str]:
+    names = getattr(args, "served_model_name", None)
+    if names:
+        return list(names)
+    model = getattr(args, "model", None)
+    return [model] if model else [DEFAULT_MODEL_NAME]
+
+
+def build_app(engine, args) -> FastAPI:
+    """The FastAPI app over a started AsyncLLM. Shutting the app down shuts the engine down."""
+    import braid
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    names = served_model_names(args)
+    completions = OpenAIServingCompletion(engine, names)
+    chats = OpenAIServingChat(engine, names)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="braid", version=braid.__version__, lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, e: EngineDeadError):
+        return _error_response(api_error_for(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        return _error_response(bad_request(f"invalid request: {e.errors()[:4]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(e.status_code, str(e.detail), type=kind), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        logger.exception("unhandled error on %s", request.url.path)
+        return _error_response(api_error_for(e))
+
+    async def _respond(request: Request, serving, model_cls):
+        body = parse_json(model_cls, await request.body())
+        result = await with_cancellation(request, serving.create(body))
+        if result is None:  # the client went away; its request was aborted
+            return Response(status_code=499)
+        if isinstance(result, AsyncIterator):
+            return CancellableStreamingResponse(result, media_type="text/event-stream",
+                                                headers={"Cache-Control": "no-cache"})
+        return JSONResponse(result.model_dump())
+
+    @app.post("/v1/completions")
+    async def create_completion(request: Request):
+        return await _respond(request, completions, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: Request):
+        return await _respond(request, chats, ChatCompletionRequest)
+
+    @app.get("/v1/models")
+    async def list_models():
+        root = engine.config.model.model
+        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=engine.max_model_len) for name in names])
+
+    @app.get("/health")
+    async def health():
+        if engine.is_dead:
+            return _error_response(api_error_for(EngineDeadError(engine.dead_reason or "the engine core is gone")))
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": braid.__version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = parse_json(TokenizeRequest, await request.body())
+        completions.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        if body.messages is not None:
+            _, tokens = chats.render(body.messages, body.add_generation_prompt)
+        else:
+            tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = parse_json(DetokenizeRequest, await request.body())
+        completions.check_model(body.model)
+        vocab = engine.input_processor.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise bad_request(f"tokens must be in [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    @app.get("/metrics")
+    async def metrics():
+        await _refresh_idle_metrics(engine)
+        registry = engine.metrics.registry if engine.metrics is not None else None
+        data = generate_latest(registry) if registry is not None else b""
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    max_body = getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_REQUEST_BODY_BYTES
+    app.add_middleware(GuardMiddleware, api_key=_api_key(args), max_body_bytes=max_body)
+    return app
+
+
+async def _refresh_idle_metrics(engine) -> None:
+    """The core reports its gauges only after a step; an abort on an idle engine runs no step.
+    Read the KV pool directly, and with nothing in flight here, the core has nothing either."""
+    if engine.metrics is None or engine.is_dead:
+        return
+    try:
+        free, total = await engine.call_utility("num_free_blocks"), await engine.call_utility("num_blocks")
+    except Exception:  # noqa: BLE001 - metrics must never fail the scrape
+        return
+    engine.metrics.kv_cache_usage.set(1.0 - free / total if total else 0.0)
+    if not engine.output_processor.has_unfinished_requests():
+        engine.metrics.num_running.set(0)
+        engine.metrics.num_waiting.set(0)
+
+
+def _api_key(args) -> str | None:
+    return getattr(args, "api_key", None) or os.environ.get("BRAID_API_KEY") or None
+
+
+# ---- running it -------------------------------------------------------------------------------
+
+
+async def _serve(args) -> None:
+    from braid.engine.arg_utils import EngineArgs
+    from braid.engine.async_llm import AsyncLLM
+    from braid.observe.metrics import EngineMetrics
+
+    names = served_model_names(args)
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), metrics=EngineMetrics(names[0]))
+    try:
+        app = build_app(engine, args)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                timeout_graceful_shutdown=5, lifespan="on")
+        server = _Server(config)
+        print(f"braid serve: {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+        await server.serve()
+    finally:
+        engine.shutdown()  # again, in case the app never started: no engine core outlives the server
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, but a SIGINT/SIGTERM ends serve() cleanly (exit code 0) instead of
+    being re-raised once the graceful shutdown is done."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def run_server(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from braid.engine.arg_utils import EngineArgs
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) the model answers to (default: the model path, or "
+                             f"{DEFAULT_MODEL_NAME} for the default model)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer <key>' on /v1 routes (or set BRAID_API_KEY)")
+    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                        help="larger request bodies get HTTP 413")
+    parser.add_argument("--uvicorn-log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    EngineArgs.add_cli_args(parser, model_positional=True)
+    return parser
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `braid serve` on the CLI's subparsers; its func returns an exit code."""
+    parser = subparsers.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_server_args(parser)
+    parser.set_defaults(func=run_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_server_args(argparse.ArgumentParser(prog="braid serve"))
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_server(args)
+    except ValueError as e:
+        print(f"braid serve: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""`braid serve` through the official openai client, on a tiny checkpoint (fast to start)."""
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.server_utils import RemoteServer
+from tests.tiny_checkpoints import make_tiny_checkpoint
+
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"))
+    srv = RemoteServer(path, "--served-model-name", MODEL, "other-name", "--max-model-len", str(MAX_MODEL_LEN),
+                       "--device", "cpu", "--dtype", "float32")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _complete(client, **kw):
+    kw.setdefault("model", MODEL)
+    kw.setdefault("prompt", PROMPT)
+    kw.setdefault("temperature", 0)
+    return client.completions.create(**kw)
+
+
+def _chat(client, **kw):
+    kw.setdefault("model", MODEL)
+    kw.setdefault("messages", MESSAGES)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(**kw)
+
+
+def _tokenize(server, **body) -> list[int]:
+    r = httpx.post(server.url + "/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_models_lists_the_served_names(client):
+    assert [m.id for m in client.models.list().data] == [MODEL, "other-name"]
+    # Every served name answers.
+    assert _complete(client, model="other-name", max_tokens=2).model == "other-name"
+
+
+def test_completion_shape_and_usage(server, client):
+    r = _complete(client, max_tokens=12, extra_body={"ignore_eos": True})
+    assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.created > 0 and r.model == MODEL
+    (choice,) = r.choices
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.text
+    n_prompt = len(_tokenize(server, prompt=PROMPT))
+    assert r.usage.prompt_tokens == n_prompt
+    assert r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == n_prompt + 12
+
+
+def test_completion_stream_reassembles_to_greedy_text(client):
+    full = _complete(client, max_tokens=24)
+    chunks = list(_complete(client, max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    assert all(c.id == chunks[0].id and c.object == "text_completion" for c in chunks)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    # include_usage: one last chunk with usage and no choices; the others carry usage null.
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_and_its_stream_agree(server, client):
+    full = _chat(client, max_tokens=20)
+    assert full.id.startswith("chatcmpl-") and full.object == "chat.completion"
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    n_prompt = len(_tokenize(server, messages=MESSAGES))
+    assert full.usage.prompt_tokens == n_prompt
+    assert full.usage.completion_tokens == 20 or full.choices[0].finish_reason == "stop"
+
+    chunks = list(_chat(client, max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert chunks[-1].usage == full.usage
+
+
+def test_max_completion_tokens_and_default_fills_the_context(server, client):
+    r = _chat(client, max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    # No max_tokens in chat: up to the end of the context.
+    r = _chat(client, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == MAX_MODEL_LEN
+
+
+def test_completion_logprobs(client):
+    r = _complete(client, max_tokens=6, logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    # (Each token decodes alone, so a character split across byte tokens shows as U+FFFD there.)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and 1 <= len(top) <= 4
+        assert logprob == pytest.approx(max(top.values()))  # greedy picks the most likely token
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+
+
+def test_chat_logprobs(client):
+    r = _chat(client, max_tokens=5, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    # Streamed logprobs cover the same tokens.
+    chunks = list(_chat(client, max_tokens=5, logprobs=True, top_logprobs=2, stream=True,
+                        extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
+def test_stop_strings(client):
+    greedy = _complete(client, max_tokens=32, extra_body={"ignore_eos": True}).choices[0].text
+    # A stop string from the middle of the greedy text, made of plain characters.
+    start = next(i for i in range(4, len(greedy) - 2) if greedy[i:i + 2].isalnum() and greedy[i:i + 2].isascii())
+    stop = greedy[start:start + 2]
+    expected = greedy[:greedy.index(stop)]
+    r = _complete(client, max_tokens=32, stop=[stop, "never-seen-stop"])
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(_complete(client, max_tokens=32, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    r = _complete(client, max_tokens=32, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].text == expected + stop
+
+
+def test_n_samples_and_seed_reproducibility(client):
+    kw = dict(max_tokens=10, temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
+    a = _complete(client, n=3, **kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert a.usage.completion_tokens == 30
+    b = _complete(client, n=3, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same samples
+    assert len({c.text for c in a.choices}) > 1  # the samples differ from each other
+    others = {_complete(client, **{**kw, "seed": s}).choices[0].text for s in range(5)}
+    assert len(others) > 1
+    # Streamed n > 1: each index reassembles to its non-streamed text.
+    texts = {}
+    for c in _complete(client, n=3, stream=True, **kw):
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(3)] == [c.text for c in a.choices]
+    chat = _chat(client, n=2, **kw)
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_echo(server, client):
+    r = _complete(client, max_tokens=4, echo=True, logprobs=1, extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.text.startswith(PROMPT)
+    plain = _complete(client, max_tokens=4, extra_body={"ignore_eos": True}).choices[0].text
+    assert choice.text == PROMPT + plain
+    n_prompt = len(_tokenize(server, prompt=PROMPT))
+    lp = choice.logprobs
+    assert len(lp.tokens) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and all(x is not None for x in lp.token_logprobs[1:])
+    streamed = "".join(c.choices[0].text for c in _complete(client, max_tokens=4, echo=True, stream=True,
+                                                             extra_body={"ignore_eos": True}))
+    assert streamed == choice.text
+
+
+def test_prompt_forms(server, client):
+    ids = _tokenize(server, prompt=PROMPT)
+    text = _complete(client, max_tokens=8).choices[0].text
+    assert _complete(client, prompt=ids, max_tokens=8).choices[0].text == text
+    r = _complete(client, prompt=[PROMPT, "Hello world!"], max_tokens=8, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text == text  # greedy: both samples alike
+    r2 = _complete(client, prompt=[ids, ids], max_tokens=8)
+    assert [c.text for c in r2.choices] == [text, text]
+
+
+def test_tokenize_round_trip(server):
+    text = "Paged attention stores keys and values."
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": text})
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
+    r = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": text}
+
+
+def test_health_version_metrics(server):
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/version").json()["version"]
+    m = server.wait_idle()
+    assert m["braid:kv_cache_usage_perc"] == 0 and m["braid:num_requests_running"] == 0
+    assert m["braid:generation_tokens_total"] > 0

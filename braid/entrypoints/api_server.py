@@ -3,39 +3,13 @@
     app = build_app(engine, args)   # routes over an AsyncLLM
     run_server(args)                # start the engine core, serve until SIGINT/SIGTERM, stop the core
 """
-from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import json
 import logging
 import os
-from contextlib import asynccontextmanager
 import sys
-from collections.abc import AsyncIterator
-from typing import Any
 
-import uvicorn
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from braid.entrypoints.openai_serving import APIError, api_error_for, bad_request, parse_json
-from braid.entrypoints.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ModelCard,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-)
-from braid.entrypoints.serving_chat import OpenAIServingChat
-from braid.entrypoints.serving_completion import OpenAIServingCompletion
 from braid.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -44,130 +18,7 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 1 << 20
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-def _error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
-
-# ---- guards: API key and body size, before any route reads the body -------------------------
-
-
-class GuardMiddleware:
-    """Pure ASGI middleware (streams pass through untouched): checks the bearer token on
-    /v1 routes, then caps the body (Content-Length first, then counting what arrives)
-    and hands the buffered body to the app."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
-
-    async def _reject(self, send, error: APIError, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(error.body()).encode()
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"connection", b"close")]
-        raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body})
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        value = headers.get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        path = scope["path"]
-        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and scope["method"] != "OPTIONS":
-            if not self._authorized(headers):
-                error = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
-                                 code="invalid_api_key")
-                return await self._reject(send, error, {"www-authenticate": "Bearer"})
-        too_large = APIError(413, f"The request body exceeds the server's limit of {self.max_body_bytes} bytes "
-                                  f"(--max-request-body-bytes).", code="request_too_large")
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return await self._reject(send, bad_request("invalid Content-Length header"))
-            if declared > self.max_body_bytes:
-                return await self._reject(send, too_large)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_body_bytes:
-                return await self._reject(send, too_large)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # then: http.disconnect when the client goes
-
-        await self.app(scope, replay, send)
-
-
-# ---- client disconnects abort their requests ---------------------------------------------
-
-
-async def _wait_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class CancellableStreamingResponse(StreamingResponse):
-    """Streams SSE while listening for the client: when it goes, the body generator is
-    closed, which cancels the engine requests inside it (freeing their KV blocks)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        stream = asyncio.ensure_future(self.stream_response(send))
-        listener = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            await asyncio.wait({stream, listener}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (stream, listener):
-                task.cancel()
-            await asyncio.gather(stream, listener, return_exceptions=True)
-            await self.body_iterator.aclose()
-        if stream.done() and not stream.cancelled() and stream.exception() is not None:
-            if not isinstance(stream.exception(), OSError):
-                logger.error("stream failed", exc_info=stream.exception())
-
-
-async def with_cancellation(request: Request, work) -> Any:
-    """Run `work` (a coroutine) unless the client disconnects first; then cancel it (vLLM's
-    with_cancellation): cancelling a non-streamed request aborts it in the engine."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        listener.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, listener, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-# ---- the app ------------------------------------------------------------------------------
 
 
 def served_model_names(args) -> list[str]:
@@ -178,10 +29,38 @@ def served_model_names(args) -> list[str]:
     return [model] if model else [DEFAULT_MODEL_NAME]
 
 
-def build_app(engine, args) -> FastAPI:
-    """The FastAPI app over a started AsyncLLM. Shutting the app down shuts the engine down."""
-    import braid
+def build_app(engine, args):
+    """The FastAPI app over a started AsyncLLM. Shutting the app down shuts the engine down.
+    (The server stack is imported here, so that the CLI stays light for generate and chat.)"""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import braid
+    from braid.entrypoints.http_utils import (
+        CancellableStreamingResponse,
+        GuardMiddleware,
+        error_response,
+        with_cancellation,
+    )
+    from braid.entrypoints.openai_serving import APIError, api_error_for, bad_request, parse_json
+    from braid.entrypoints.protocol import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        ModelCard,
+        ModelList,
+        TokenizeRequest,
+        TokenizeResponse,
+    )
+    from braid.entrypoints.serving_chat import OpenAIServingChat
+    from braid.entrypoints.serving_completion import OpenAIServingCompletion
 
     names = served_model_names(args)
     completions = OpenAIServingCompletion(engine, names)
@@ -199,25 +78,25 @@ def build_app(engine, args) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, e: EngineDeadError):
-        return _error_response(api_error_for(e))
+        return error_response(api_error_for(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
-        return _error_response(bad_request(f"invalid request: {e.errors()[:4]}"))
+        return error_response(bad_request(f"invalid request: {e.errors()[:4]}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, str(e.detail), type=kind), getattr(e, "headers", None))
+        return error_response(APIError(e.status_code, str(e.detail), type=kind), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         logger.exception("unhandled error on %s", request.url.path)
-        return _error_response(api_error_for(e))
+        return error_response(api_error_for(e))
 
     async def _respond(request: Request, serving, model_cls):
         body = parse_json(model_cls, await request.body())
@@ -245,7 +124,7 @@ def build_app(engine, args) -> FastAPI:
     @app.get("/health")
     async def health():
         if engine.is_dead:
-            return _error_response(api_error_for(EngineDeadError(engine.dead_reason or "the engine core is gone")))
+            return error_response(api_error_for(EngineDeadError(engine.dead_reason or "the engine core is gone")))
         return Response(status_code=200)
 
     @app.get("/version")
@@ -307,7 +186,24 @@ def _api_key(args) -> str | None:
 # ---- running it -------------------------------------------------------------------------------
 
 
+def _uvicorn_server(config):
+    """uvicorn's Server, but a SIGINT/SIGTERM ends serve() cleanly (exit code 0) instead of
+    being re-raised once the graceful shutdown is done."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server(config)
+
+
 async def _serve(args) -> None:
+    import uvicorn
+
     from braid.engine.arg_utils import EngineArgs
     from braid.engine.async_llm import AsyncLLM
     from braid.observe.metrics import EngineMetrics
@@ -318,22 +214,11 @@ async def _serve(args) -> None:
         app = build_app(engine, args)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                 timeout_graceful_shutdown=5, lifespan="on")
-        server = _Server(config)
+        server = _uvicorn_server(config)
         print(f"braid serve: {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         await server.serve()
     finally:
         engine.shutdown()  # again, in case the app never started: no engine core outlives the server
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's Server, but a SIGINT/SIGTERM ends serve() cleanly (exit code 0) instead of
-    being re-raised once the graceful shutdown is done."""
-
-    def handle_exit(self, sig, frame) -> None:
-        super().handle_exit(sig, frame)
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -1,4 +1,7 @@
 """`braid serve` through the official openai client, on a tiny checkpoint (fast to start)."""
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -205,3 +208,13 @@ def test_health_version_metrics(server):
     m = server.wait_idle()
     assert m["braid:kv_cache_usage_perc"] == 0 and m["braid:num_requests_running"] == 0
     assert m["braid:generation_tokens_total"] > 0
+
+
+def test_registering_serve_keeps_the_cli_light():
+    """cli.py registers `serve` for every command: that must not import the server stack."""
+    code = ("import argparse, sys; from braid.entrypoints.api_server import add_serve_parser; "
+            "add_serve_parser(argparse.ArgumentParser().add_subparsers()); "
+            "heavy = [m for m in ('fastapi', 'uvicorn', 'pydantic', 'zmq') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

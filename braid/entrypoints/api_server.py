@@ -201,6 +201,23 @@ def _uvicorn_server(config):
     return Server(config)
 
 
+def _bind(host: str, port: int):
+    """Bind the listening socket before the (slow) engine start, so a taken port fails at once."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # listening claims the port (a bound socket alone does not, with SO_REUSEADDR)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} (--host/--port): {e.strerror or e}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
 async def _serve(args) -> None:
     import uvicorn
 
@@ -209,16 +226,20 @@ async def _serve(args) -> None:
     from braid.observe.metrics import EngineMetrics
 
     names = served_model_names(args)
-    engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), metrics=EngineMetrics(names[0]))
+    sock = _bind(args.host, args.port)
     try:
-        app = build_app(engine, args)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                timeout_graceful_shutdown=5, lifespan="on")
-        server = _uvicorn_server(config)
-        print(f"braid serve: {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-        await server.serve()
+        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), metrics=EngineMetrics(names[0]))
+        try:
+            app = build_app(engine, args)
+            config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
+                                    lifespan="on")
+            server = _uvicorn_server(config)
+            print(f"braid serve: {', '.join(names)} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+            await server.serve(sockets=[sock])
+        finally:
+            engine.shutdown()  # again, in case the app never started: no engine core outlives the server
     finally:
-        engine.shutdown()  # again, in case the app never started: no engine core outlives the server
+        sock.close()
 
 
 def run_server(args: argparse.Namespace) -> int:

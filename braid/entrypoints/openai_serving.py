@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ValidationError
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ValidationError
 from braid.entrypoints.protocol import MAX_LOGPROBS, ErrorInfo, ErrorResponse, UsageInfo
 from braid.errors import EngineDeadError
 from braid.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # A request may ask for at most this many samples (each is its own engine request).
 MAX_N = 128
@@ -188,6 +191,7 @@ def api_error_for(e: BaseException) -> APIError:
         return APIError(503, f"the engine is not running: {e}", type="service_unavailable")
     if isinstance(e, ValueError):
         return from_value_error(e)
+    logger.error("internal error while serving a request", exc_info=e)
     return APIError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error")
 
 

@@ -71,6 +71,13 @@ class AsyncLLM:
             self._output_task = loop.create_task(self._output_loop())
             loop.add_reader(self.client.sentinel, self._on_core_exit)
 
+    def validate(self, request_id: str, prompt: PromptType, sampling_params: SamplingParams) -> None:
+        """Raise the ValueError generate() would raise for this input, without queuing anything."""
+        self.input_processor.process(request_id, prompt, sampling_params)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request. Raises ValueError on bad input (nothing

@@ -17,6 +17,7 @@ import traceback
 import zmq
 
 from braid.engine import serialization as ser
+from braid.engine.messages import EngineCoreOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class EngineCoreProc:
         self.output_socket = self.ctx.socket(zmq.PUSH)
         self.output_socket.connect(output_addr)
         self.inbox: queue.Queue = queue.Queue()
+        self._stats_stale = False
         threading.Thread(target=self._read_input, daemon=True, name="braid-core-input").start()
 
     def _read_input(self) -> None:
@@ -48,6 +50,7 @@ class EngineCoreProc:
 
     def _handle(self, kind: bytes, body) -> bool:
         """Apply one message; False means shut down."""
+        self._stats_stale = True
         if kind == ser.ADD:
             try:
                 self.core.add_request(body)
@@ -90,6 +93,11 @@ class EngineCoreProc:
                     break
             if running and self.core.has_unfinished_requests():
                 self._send(ser.OUTPUTS, self.core.step())
+                self._stats_stale = False
+            elif running and self._stats_stale:
+                # Idle after an abort (or any message): no step will report the freed blocks.
+                self._send(ser.OUTPUTS, EngineCoreOutputs(stats=self.core.scheduler.make_stats()))
+                self._stats_stale = False
 
     def close(self) -> None:
         self.input_socket.close(linger=0)

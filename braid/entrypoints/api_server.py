@@ -154,7 +154,6 @@ def build_app(engine, args):
 
     @app.get("/metrics")
     async def metrics():
-        await _refresh_idle_metrics(engine)
         registry = engine.metrics.registry if engine.metrics is not None else None
         data = generate_latest(registry) if registry is not None else b""
         return Response(data, media_type=CONTENT_TYPE_LATEST)
@@ -162,21 +161,6 @@ def build_app(engine, args):
     max_body = getattr(args, "max_request_body_bytes", None) or DEFAULT_MAX_REQUEST_BODY_BYTES
     app.add_middleware(GuardMiddleware, api_key=_api_key(args), max_body_bytes=max_body)
     return app
-
-
-async def _refresh_idle_metrics(engine) -> None:
-    """The core reports its gauges only after a step; an abort on an idle engine runs no step.
-    Read the KV pool directly, and with nothing in flight here, the core has nothing either."""
-    if engine.metrics is None or engine.is_dead:
-        return
-    try:
-        free, total = await engine.call_utility("num_free_blocks"), await engine.call_utility("num_blocks")
-    except Exception:  # noqa: BLE001 - metrics must never fail the scrape
-        return
-    engine.metrics.kv_cache_usage.set(1.0 - free / total if total else 0.0)
-    if not engine.output_processor.has_unfinished_requests():
-        engine.metrics.num_running.set(0)
-        engine.metrics.num_waiting.set(0)
 
 
 def _api_key(args) -> str | None:

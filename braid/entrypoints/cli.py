@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     from braid.bench.cli import add_bench_subparsers
+    from braid.entrypoints.api_server import add_serve_parser
+
+    add_serve_parser(sub)
 
     add_bench_subparsers(sub)
     return parser

@@ -154,7 +154,7 @@ class OpenAIServing:
     def validate_prompt(self, request_id: str, prompt: dict, params: SamplingParams) -> None:
         """Run the engine's own input checks now, so a stream never starts on bad input."""
         try:
-            self.engine.input_processor.process(request_id, prompt, params)
+            self.engine.validate(request_id, prompt, params)
         except ValueError as e:
             raise from_value_error(e) from None
 

@@ -1,0 +1,77 @@
+"""The engine core in its own process: private sockets, no pickle, clear startup
+errors, and a dead core reported instead of a hang."""
+import asyncio
+import os
+import stat
+
+import pytest
+
+from braid.engine import serialization as ser
+from braid.engine.arg_utils import EngineArgs
+from braid.engine.async_llm import AsyncLLM
+from braid.errors import EngineDeadError
+from braid.sampling_params import SamplingParams
+from tests.tiny_checkpoints import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny"))
+
+
+def _args(model, **kw):
+    return EngineArgs(model=model, max_model_len=128, kv_cache_memory="8MiB", **kw)
+
+
+def test_messages_are_msgpack_never_pickle():
+    import pickle
+
+    from braid.engine.messages import EngineCoreRequest
+
+    frames = ser.encode(ser.ADD, EngineCoreRequest("r", [1, 2], SamplingParams(stop=["x"])))
+    assert frames[0] == ser.ADD and not frames[1].startswith(b"\x80")  # no pickle protocol header
+    kind, body = ser.decode(frames)
+    assert body.request_id == "r" and body.sampling_params.stop == ["x"]
+    evil = pickle.dumps(EngineCoreRequest("r", [1], SamplingParams()))
+    for bad in ([ser.ADD, evil], [b"exec", b""], [ser.ADD], [ser.ABORT, b"\xff\xff"]):
+        with pytest.raises(ValueError):
+            ser.decode(bad)
+
+
+def test_startup_error_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="does not exist"):
+        AsyncLLM.from_engine_args(_args("/no/such/model"))
+
+
+def test_private_ipc_dir_streaming_and_dead_core(tiny):
+    llm = AsyncLLM.from_engine_args(_args(tiny))
+    try:
+        mode = stat.S_IMODE(os.stat(llm.client.ipc_dir).st_mode)
+        assert mode == 0o700
+
+        async def scenario():
+            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+            outs = [o async for o in llm.generate("Hello world", params, "a")]
+            assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
+            # Outputs stream: more than one update for a multi-token request.
+            assert len(outs) > 1
+            with pytest.raises(ValueError, match="empty"):
+                async for _ in llm.generate("", params, "bad"):
+                    pass
+            assert await llm.call_utility("num_free_blocks") == await llm.call_utility("num_blocks")
+
+            # Kill the core mid-request: the waiting request fails fast, health turns bad.
+            long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+            agen = llm.generate("Hello world", long, "b")
+            await agen.__anext__()
+            llm.client.process.kill()
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(agen.__anext__(), timeout=10)
+            with pytest.raises(EngineDeadError):
+                llm.check_health()
+
+        asyncio.run(scenario())
+    finally:
+        llm.shutdown()
+    assert not llm.client.process.is_alive()
+    assert not os.path.exists(llm.client.ipc_dir)

@@ -110,6 +110,7 @@ class SchedulerConfig:
 class DeviceConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     attention_backend: str = "torch"  # resolved: 'torch' or 'triton'
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 @dataclass(frozen=True)

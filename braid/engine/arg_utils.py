@@ -50,6 +50,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
+    enforce_eager: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> argparse.ArgumentParser:
@@ -75,6 +76,8 @@ class EngineArgs:
         parser.add_argument("--max-num-batched-tokens", type=int, default=None)
         parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         parser.add_argument("--long-prefill-token-threshold", type=int, default=0)
+        parser.add_argument("--enforce-eager", action="store_true",
+                            help="run every step eagerly (no CUDA graphs for decode batches)")
         return parser
 
     @classmethod
@@ -142,5 +145,5 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
             ),
-            device=DeviceConfig(device=device, attention_backend=backend),
+            device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
         )

@@ -1,6 +1,7 @@
 """Flatten the scheduled requests of one step into model inputs.
 
-Pure host-side work with numpy; the result is uploaded to the device once.
+Host-side work with numpy first (HostBatch); then either one upload into fresh
+device tensors (eager) or a copy into a CUDA graph's persistent buffers.
 """
 from __future__ import annotations
 
@@ -14,22 +15,39 @@ from braid.worker.request_state import CachedRequestState
 
 
 @dataclass
+class HostBatch:
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray  # [R] int32
+    block_table: np.ndarray  # [R, max_blocks] int32
+    num_computed_before: np.ndarray  # [R] tokens computed before this step
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[-1])
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def last_token_indices(self) -> np.ndarray:
+        """Index into the flat tokens of each request's last scheduled token."""
+        return self.query_start_loc[1:].astype(np.int64) - 1
+
+
+@dataclass
 class BatchInputs:
     input_ids: torch.Tensor  # [T] long, device
     positions: torch.Tensor  # [T] long, device
     attn_metadata: AttentionMetadata
-    # Index into the flat tokens of each request's last scheduled token.
-    last_token_indices: np.ndarray
-    query_start_loc: np.ndarray  # [num_reqs + 1]
-    num_computed_before: np.ndarray  # [num_reqs] tokens computed before this step
 
 
-def prepare_inputs(
-    requests: list[CachedRequestState],
-    num_tokens: list[int],
-    block_size: int,
-    device: torch.device,
-) -> BatchInputs:
+def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], block_size: int) -> HostBatch:
     num_reqs = len(requests)
     query_lens = np.asarray(num_tokens, dtype=np.int64)
     starts = np.asarray([r.num_computed_tokens for r in requests], dtype=np.int64)
@@ -52,25 +70,36 @@ def prepare_inputs(
         block_table[i, : len(r.block_ids)] = r.block_ids
     block_of_token = block_table[req_of_token, positions // block_size].astype(np.int64)
     slot_mapping = block_of_token * block_size + positions % block_size
-
-    qsl_cpu = torch.from_numpy(query_start_loc.astype(np.int32))
-    seq_cpu = torch.from_numpy(seq_lens.astype(np.int32))
-    metadata = AttentionMetadata(
-        num_actual_tokens=total,
-        query_start_loc=qsl_cpu.to(device, non_blocking=True),
-        seq_lens=seq_cpu.to(device, non_blocking=True),
-        block_table=torch.from_numpy(block_table).to(device, non_blocking=True),
-        slot_mapping=torch.from_numpy(slot_mapping).to(device, non_blocking=True),
+    return HostBatch(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc.astype(np.int32),
+        seq_lens=seq_lens.astype(np.int32),
+        block_table=block_table,
+        num_computed_before=starts,
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
+    )
+
+
+def upload(host: HostBatch, device: torch.device) -> BatchInputs:
+    """Fresh device tensors for an eager forward."""
+    qsl_cpu = torch.from_numpy(host.query_start_loc)
+    seq_cpu = torch.from_numpy(host.seq_lens)
+    metadata = AttentionMetadata(
+        num_actual_tokens=host.num_tokens,
+        query_start_loc=qsl_cpu.to(device, non_blocking=True),
+        seq_lens=seq_cpu.to(device, non_blocking=True),
+        block_table=torch.from_numpy(host.block_table).to(device, non_blocking=True),
+        slot_mapping=torch.from_numpy(host.slot_mapping).to(device, non_blocking=True),
+        max_query_len=host.max_query_len,
+        max_seq_len=host.max_seq_len,
         query_start_loc_cpu=qsl_cpu,
         seq_lens_cpu=seq_cpu,
     )
     return BatchInputs(
-        input_ids=torch.from_numpy(input_ids).to(device, non_blocking=True),
-        positions=torch.from_numpy(positions).to(device, non_blocking=True),
+        input_ids=torch.from_numpy(host.input_ids).to(device, non_blocking=True),
+        positions=torch.from_numpy(host.positions).to(device, non_blocking=True),
         attn_metadata=metadata,
-        last_token_indices=query_start_loc[1:] - 1,
-        query_start_loc=query_start_loc,
-        num_computed_before=starts,
     )

@@ -13,7 +13,8 @@ from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
 from braid.layers.attention.metadata import build_attention_metadata
 from braid.layers.sampler import Sampler
 from braid.layers.sampling_metadata import SamplingMetadata, SamplingRow
-from braid.worker.batch_inputs import prepare_inputs
+from braid.worker.batch_inputs import build_host_batch, upload
+from braid.worker.cuda_graphs import DecodeCudaGraphs
 from braid.worker.logprobs import prompt_logprobs_for_chunk, to_token_logprobs
 from braid.worker.request_state import CachedRequestState
 
@@ -32,6 +33,13 @@ class ModelRunner:
         self.attn_backend = get_attention_backend(config.device.attention_backend)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.cuda_graphs: DecodeCudaGraphs | None = None
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values)."""
+        return (self.device.type == "cuda" and not self.config.device.enforce_eager
+                and self.attn_backend.name == "triton")
 
     # ---- KV cache ----------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -46,6 +54,11 @@ class ModelRunner:
         self.kv_caches = list(whole.unbind(0))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     whole.numel() * whole.element_size() / 2**30)
+        if self.use_cuda_graphs:
+            sched = self.config.scheduler
+            self.cuda_graphs = DecodeCudaGraphs(self.model, self.attn_backend, self.kv_caches, sched.max_num_seqs,
+                                                sched.max_model_len, self.block_size, self.device)
+            self.cuda_graphs.capture()
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -114,20 +127,22 @@ class ModelRunner:
             return ModelRunnerOutput([], [], [])
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
-        batch = prepare_inputs(states, num_tokens, self.block_size, self.device)
-
-        ctx = ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)
-        with set_forward_context(ctx):
-            hidden = self.model(batch.input_ids, batch.positions)
+        host = build_host_batch(states, num_tokens, self.block_size)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
+            hidden = self.cuda_graphs.run(host)
+        else:
+            batch = upload(host, self.device)
+            with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
+                hidden = self.model(batch.input_ids, batch.positions)
 
         # Only requests whose every known token is now computed sample a token;
         # a partial prefill chunk samples nothing (and draws no random numbers).
-        seq_ends = batch.num_computed_before + np.asarray(num_tokens)
+        seq_ends = host.num_computed_before + np.asarray(num_tokens)
         sampling_rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
         sampled: list[list[int]] = [[] for _ in req_ids]
         logprobs: list = [None] * len(req_ids)
         if sampling_rows:
-            idx = torch.as_tensor(batch.last_token_indices[sampling_rows], device=self.device)
+            idx = torch.as_tensor(host.last_token_indices[sampling_rows], device=self.device)
             logits = self.model.compute_logits(hidden[idx])
             rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids,
                                 states[i].output_token_ids, states[i].generator) for i in sampling_rows]
@@ -144,8 +159,8 @@ class ModelRunner:
         prompt_lps = {}
         for i, state in enumerate(states):
             if state.sampling_params.prompt_logprobs is not None:
-                chunk = prompt_logprobs_for_chunk(self.model, hidden, state, int(batch.query_start_loc[i]),
-                                                  int(batch.num_computed_before[i]), num_tokens[i])
+                chunk = prompt_logprobs_for_chunk(self.model, hidden, state, int(host.query_start_loc[i]),
+                                                  int(host.num_computed_before[i]), num_tokens[i])
                 if chunk is not None:
                     prompt_lps[state.req_id] = chunk
 

@@ -8,6 +8,7 @@ import torch
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.worker.cuda_graphs import estimate_graph_memory
 from braid.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,14 @@ class Worker:
             budget = cache.kv_cache_memory
         else:
             peak_activations = self.model_runner.profile_peak_memory()
+            sched = self.config.scheduler
+            graphs = (estimate_graph_memory(peak_activations, sched.max_num_seqs, sched.max_num_batched_tokens)
+                      if self.model_runner.use_cuda_graphs else 0)
             free, total = torch.cuda.mem_get_info(device)
-            budget = int(total * cache.gpu_memory_utilization) - (total - free) - peak_activations
-            logger.info("GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB -> KV %.1f GiB",
-                        total / 2**30, (total - free) / 2**30, peak_activations / 2**30, budget / 2**30)
+            budget = int(total * cache.gpu_memory_utilization) - (total - free) - peak_activations - graphs
+            logger.info("GPU memory: total %.1f GiB, in use %.1f GiB, activation peak %.2f GiB, CUDA graphs "
+                        "%.2f GiB -> KV %.1f GiB", total / 2**30, (total - free) / 2**30, peak_activations / 2**30,
+                        graphs / 2**30, budget / 2**30)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(

@@ -28,13 +28,14 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     max_query_len: int
     max_seq_len: int
-    # Host copies, for backends that loop on the CPU (the torch reference).
-    query_start_loc_cpu: torch.Tensor
-    seq_lens_cpu: torch.Tensor
+    # Host copies, for backends that loop on the CPU (the torch reference);
+    # None inside CUDA graphs, where only device-side values may be used.
+    query_start_loc_cpu: torch.Tensor | None
+    seq_lens_cpu: torch.Tensor | None
 
     @property
     def num_reqs(self) -> int:
-        return self.seq_lens_cpu.shape[0]
+        return self.seq_lens.shape[0]
 
 
 def build_attention_metadata(

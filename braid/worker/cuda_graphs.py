@@ -1,0 +1,121 @@
+"""CUDA graphs for decode-only batches.
+
+A decode step launches hundreds of small kernels; replaying them as one graph
+takes the CPU out of the step. One graph per batch-size bucket up to
+max_num_seqs, all sharing one memory pool; a batch is padded up to the next
+bucket. Inputs live in persistent device buffers that each step overwrites;
+padded rows write no KV (slot -1) and attend to one harmless cached slot.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from braid.forward_context import ForwardContext, set_forward_context
+from braid.layers.attention.metadata import AttentionMetadata
+from braid.worker.batch_inputs import HostBatch
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    """Bucket sizes: dense where padding would waste most, every 16 beyond."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sorted(set(sizes + [max_batch_size]))
+
+
+class DecodeCudaGraphs:
+    def __init__(self, model, backend, kv_caches: list[torch.Tensor], max_batch_size: int, max_model_len: int,
+                 block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_batch_size)
+        self.max_batch_size = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        n, i32, i64 = self.max_batch_size, torch.int32, torch.int64
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)  # one token per request
+        self.block_table = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
+        # Pinned staging so each step's uploads are asynchronous copies.
+        self.host_i64 = torch.zeros((3, n), dtype=i64, pin_memory=True)
+        self.host_seq_lens = torch.ones(n, dtype=i32, pin_memory=True)
+        self.host_block_table = torch.zeros((n, self.max_blocks), dtype=i32, pin_memory=True)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.memory_bytes = 0
+
+    def _context(self, size: int) -> ForwardContext:
+        metadata = AttentionMetadata(
+            num_actual_tokens=size,
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_table=self.block_table[:size],
+            slot_mapping=self.slot_mapping[:size],
+            max_query_len=1,
+            # Kernel choices must hold for any context the graph will see.
+            max_seq_len=self.max_model_len,
+            query_start_loc_cpu=None,
+            seq_lens_cpu=None,
+        )
+        return ForwardContext(metadata, self.kv_caches, self.backend)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        before = torch.cuda.memory_reserved()
+        pool = None
+        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
+            ctx = self._context(size)
+            with set_forward_context(ctx):  # warm-up compiles kernels outside the capture
+                self.model(self.input_ids[:size], self.positions[:size])
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), set_forward_context(ctx):
+                hidden = self.model(self.input_ids[:size], self.positions[:size])
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = (graph, hidden)
+        torch.cuda.synchronize()
+        self.memory_bytes = torch.cuda.memory_reserved() - before
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
+                    self.max_batch_size, self.memory_bytes / 2**30)
+
+    def can_run(self, host: HostBatch) -> bool:
+        return host.max_query_len == 1 and host.num_tokens == host.num_reqs <= self.max_batch_size
+
+    def run(self, host: HostBatch) -> torch.Tensor:
+        """Replay the bucket that fits this decode batch; returns hidden states [B, H]."""
+        b = host.num_reqs
+        size = next(s for s in self.sizes if s >= b)
+        staged = self.host_i64.numpy()
+        staged[0, :b] = host.input_ids
+        staged[1, :b] = host.positions
+        staged[2, :b] = host.slot_mapping
+        staged[2, b:size] = -1  # padded rows write no KV
+        seq_lens = self.host_seq_lens.numpy()
+        seq_lens[:b] = host.seq_lens
+        seq_lens[b:size] = 1
+        width = host.block_table.shape[1]
+        table = self.host_block_table.numpy()
+        table[:b, :width] = host.block_table
+        table[b:size] = 0
+        self.input_ids[:size].copy_(self.host_i64[0, :size], non_blocking=True)
+        self.positions[:size].copy_(self.host_i64[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self.host_i64[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
+        self.block_table[:size, :width].copy_(self.host_block_table[:size, :width], non_blocking=True)
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[:b]
+
+
+def estimate_graph_memory(peak_activation_bytes: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Memory the graph pool will hold, reserved before sizing the KV cache: the
+    activations of the largest decode batch, scaled from the profiled prefill peak."""
+    share = min(1.0, max_num_seqs / max(1, max_num_batched_tokens))
+    return int(peak_activation_bytes * share) + 256 * 2**20

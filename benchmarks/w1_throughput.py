@@ -1,0 +1,134 @@
+"""W1: offline throughput on the Llama-3-8B shape, braid against HF transformers'
+continuous batching (`generate_batch`), with the workload's floor from measured ceilings.
+
+512 requests of 512 random prompt tokens, 256 output tokens each (ignore_eos),
+dummy bf16 weights. Floor = prefill FLOPs / matmul rate + sum over decode steps of
+(weight bytes + KV bytes read) / copy bandwidth, for waves of --max-num-seqs requests.
+
+    python benchmarks/w1_throughput.py --engines braid,hf --out w1.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from braid.bench.floors import measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.run_info import run_info, write_result
+from braid.bench.shapes import SHAPES, write_shape
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wave: int, bw: float,
+             flops: float) -> dict:
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv_heads, inter = cfg["num_key_value_heads"], cfg["intermediate_size"]
+    per_layer = h * (h + 2 * kv_heads * head_dim) + h * h + 3 * h * inter  # qkv, o, gate/up/down
+    matmul_params = layers * per_layer + h * vocab  # + LM head
+    weight_bytes = 2 * (matmul_params + layers * 2 * h + h)  # + norms; embedding rows are gathered, not read whole
+    kv_per_token = 2 * layers * 2 * kv_heads * head_dim
+    # Prefill: 2 FLOPs per parameter per token (LM head only for the last token) + causal attention.
+    prefill_flops = num_requests * (2 * layers * per_layer * prompt_len + 2 * h * vocab
+                                    + layers * 2 * 2 * h * prompt_len * prompt_len / 2)
+    decode_s = 0.0
+    for start in range(0, num_requests, wave):
+        batch = min(wave, num_requests - start)
+        for k in range(1, output_len):  # the first token comes out of the prefill
+            decode_s += (weight_bytes + batch * (prompt_len + k) * kv_per_token) / bw
+    prefill_s = prefill_flops / flops
+    return dict(prefill_flops=prefill_flops, prefill_s=prefill_s, decode_s=decode_s, floor_s=prefill_s + decode_s,
+                wave=wave, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
+
+
+def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool) -> dict:
+    from braid import LLM, SamplingParams
+
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    preemptions = llm.llm_engine.last_stats.num_preemptions
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
+                output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
+                max_num_seqs=max_num_seqs)
+
+
+def run_hf(model_dir: str, prompts, output_len: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=prompts[:8], generation_config=gen)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(r.generated_tokens) for r in results.values())
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
+                output_tokens_per_s=out_tokens / elapsed, completed=len(results))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engines", default="braid,hf")
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    shape = SHAPES["llama3-8b"]
+    bw, flops = measure_copy_bandwidth(), measure_matmul_rate()
+    floor = w1_floor(shape, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs, bw, flops)
+    model_dir = write_shape("llama3-8b")
+    prompts = make_prompts(args.num_prompts, args.input_len, shape["vocab_size"])
+    result = dict(benchmark="w1_throughput", **run_info(), shape="llama3-8b", model_config=shape,
+                  workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len),
+                  copy_bandwidth_Bps=bw, matmul_flops=flops, floor=floor, runs={})
+    for engine in args.engines.split(","):
+        runs = []
+        for _ in range(args.repeats):
+            try:
+                runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False) if engine == "braid"
+                            else run_hf(model_dir, prompts, args.output_len))
+            except Exception as e:  # noqa: BLE001 - record the failure, keep the other engine's numbers
+                runs.append(dict(error=f"{type(e).__name__}: {e}"))
+            write_result(args.out, {**result, "runs": {**result["runs"], engine: runs}})
+        result["runs"][engine] = runs
+    write_result(args.out, result)
+    print(f"floor {floor['floor_s']:.2f} s (prefill {floor['prefill_s']:.2f} + decode {floor['decode_s']:.2f}); "
+          f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
+    for engine, runs in result["runs"].items():
+        for r in runs:
+            if "error" in r:
+                print(f"{engine:>6}: ERROR {r['error'][:300]}")
+            else:
+                print(f"{engine:>6}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
+                      f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

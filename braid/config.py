@@ -119,3 +119,5 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+    # Write a Chrome/Perfetto step timeline here (None: tracing off, at no cost).
+    trace_dir: str | None = None

@@ -51,6 +51,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
+    trace_dir: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> argparse.ArgumentParser:
@@ -78,6 +79,9 @@ class EngineArgs:
         parser.add_argument("--long-prefill-token-threshold", type=int, default=0)
         parser.add_argument("--enforce-eager", action="store_true",
                             help="run every step eagerly (no CUDA graphs for decode batches)")
+        parser.add_argument("--trace-dir", default=None,
+                            help="write a Chrome/Perfetto timeline of engine steps here; read it with "
+                                 "`braid trace summarize DIR`")
         return parser
 
     @classmethod
@@ -146,4 +150,5 @@ class EngineArgs:
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
+            trace_dir=self.trace_dir,
         )

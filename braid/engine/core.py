@@ -10,6 +10,7 @@ from braid.core.request import Request
 from braid.core.scheduler import Scheduler
 from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from braid.executor.uniproc import UniprocExecutor
+from braid.observe.trace import make_tracer
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.executor = UniprocExecutor(config)
+        self.tracer = make_tracer(config.trace_dir, "engine-core")
+        self.executor = UniprocExecutor(config, self.tracer)
         num_blocks = self.executor.determine_num_blocks()
         max_len = config.scheduler.max_model_len
         if num_blocks * config.cache.block_size < max_len:
@@ -44,12 +46,17 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> EngineCoreOutputs:
-        scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        tracer = self.tracer
+        with tracer.cpu_span("step"):
+            with tracer.cpu_span("schedule"):
+                scheduler_output = self.scheduler.schedule()
+            runner_output = self.executor.execute_model(scheduler_output)
+            with tracer.cpu_span("process_outputs"):
+                return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        self.tracer.close()

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     add_bench_subparsers(sub)
+    from braid.observe.trace_cli import add_trace_subparsers
+
+    add_trace_subparsers(sub)
     return parser
 
 

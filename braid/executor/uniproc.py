@@ -7,8 +7,8 @@ from braid.worker.worker import Worker
 
 
 class UniprocExecutor:
-    def __init__(self, config: EngineConfig) -> None:
-        self.worker = Worker(config)
+    def __init__(self, config: EngineConfig, tracer=None) -> None:
+        self.worker = Worker(config, tracer)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

@@ -22,13 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tracer=None) -> None:
         from braid.models.loader import load_model
+        from braid.observe.trace import NULL_TRACER
 
         self.config = config
+        self.tracer = tracer or NULL_TRACER
         self.device = config.device.device
         self.block_size = config.cache.block_size
         self.model = load_model(config.model, self.device)
+        if self.tracer.enabled and self.device.type == "cuda":
+            self.tracer.calibrate_gpu(self.device)  # its one sync stays out of the first step
         self.sampler = Sampler()
         self.attn_backend = get_attention_backend(config.device.attention_backend)
         self.requests: dict[str, CachedRequestState] = {}
@@ -127,34 +131,23 @@ class ModelRunner:
             return ModelRunnerOutput([], [], [])
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
-        host = build_host_batch(states, num_tokens, self.block_size)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-            hidden = self.cuda_graphs.run(host)
-        else:
-            batch = upload(host, self.device)
-            with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
-                hidden = self.model(batch.input_ids, batch.positions)
+        tracer = self.tracer
+        with tracer.cpu_span("prepare_inputs"):
+            host = build_host_batch(states, num_tokens, self.block_size)
+        with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
+            if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
+                hidden = self.cuda_graphs.run(host)
+            else:
+                batch = upload(host, self.device)
+                with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
+                    hidden = self.model(batch.input_ids, batch.positions)
 
         # Only requests whose every known token is now computed sample a token;
         # a partial prefill chunk samples nothing (and draws no random numbers).
         seq_ends = host.num_computed_before + np.asarray(num_tokens)
         sampling_rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
-        sampled: list[list[int]] = [[] for _ in req_ids]
-        logprobs: list = [None] * len(req_ids)
-        if sampling_rows:
-            idx = torch.as_tensor(host.last_token_indices[sampling_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[idx])
-            rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids,
-                                states[i].output_token_ids, states[i].generator) for i in sampling_rows]
-            out = self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
-            token_ids = out.sampled_token_ids.tolist()
-            per_row_lps = to_token_logprobs(out.logprobs) if out.logprobs is not None else None
-            for j, i in enumerate(sampling_rows):
-                sampled[i] = [token_ids[j]]
-                n = states[i].sampling_params.logprobs
-                if n is not None and per_row_lps is not None:
-                    ids, lps, rank = per_row_lps[j]
-                    logprobs[i] = [(ids[: n + 1], lps[: n + 1], rank)]
+        with tracer.cpu_span("sample"), tracer.gpu_span("sample"):
+            sampled, logprobs = self._sample(states, sampling_rows, hidden, host)
 
         prompt_lps = {}
         for i, state in enumerate(states):
@@ -168,6 +161,27 @@ class ModelRunner:
             state.num_computed_tokens += n
         return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  prompt_logprobs=prompt_lps)
+
+    def _sample(self, states, rows_to_sample: list[int], hidden: torch.Tensor, host) -> tuple[list, list]:
+        """Sample one token for each listed row; returns per-request token lists and logprobs."""
+        sampled: list[list[int]] = [[] for _ in states]
+        logprobs: list = [None] * len(states)
+        if not rows_to_sample:
+            return sampled, logprobs
+        idx = torch.as_tensor(host.last_token_indices[rows_to_sample], device=self.device)
+        logits = self.model.compute_logits(hidden[idx])
+        rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids, states[i].output_token_ids,
+                            states[i].generator) for i in rows_to_sample]
+        out = self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
+        token_ids = out.sampled_token_ids.tolist()
+        per_row_lps = to_token_logprobs(out.logprobs) if out.logprobs is not None else None
+        for j, i in enumerate(rows_to_sample):
+            sampled[i] = [token_ids[j]]
+            n = states[i].sampling_params.logprobs
+            if n is not None and per_row_lps is not None:
+                ids, lps, rank = per_row_lps[j]
+                logprobs[i] = [(ids[: n + 1], lps[: n + 1], rank)]
+        return sampled, logprobs
 
 
 def _profile_params():

@@ -17,13 +17,13 @@ CPU_DEFAULT_KV_CACHE_BYTES = 2 * 2**30
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tracer=None) -> None:
         self.config = config
         device = config.device.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.manual_seed(config.model.seed)
-        self.model_runner = ModelRunner(config)
+        self.model_runner = ModelRunner(config, tracer)
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache

@@ -47,11 +47,13 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
                 wave=wave, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
 
 
-def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool) -> dict:
+def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
+              trace_dir: str | None = None) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager)
+              max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
+              trace_dir=trace_dir)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -61,12 +63,18 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     preemptions = llm.llm_engine.last_stats.num_preemptions
+    busy = None
+    if trace_dir:
+        from braid.observe.trace_summary import summarize
+
+        llm.llm_engine.engine_core.shutdown()  # flush the timeline
+        busy = summarize(trace_dir)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
     return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
-                max_num_seqs=max_num_seqs)
+                max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:
@@ -98,6 +106,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--trace-dir", default=None, help="trace braid's runs here (GPU busy fraction)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     shape = SHAPES["llama3-8b"]
@@ -112,7 +121,9 @@ def main() -> None:
         runs = []
         for _ in range(args.repeats):
             try:
-                runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False) if engine == "braid"
+                trace = f"{args.trace_dir}/run{len(runs)}" if args.trace_dir else None
+                runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False, trace)
+                            if engine == "braid"
                             else run_hf(model_dir, prompts, args.output_len))
             except Exception as e:  # noqa: BLE001 - record the failure, keep the other engine's numbers
                 runs.append(dict(error=f"{type(e).__name__}: {e}"))
@@ -126,8 +137,10 @@ def main() -> None:
             if "error" in r:
                 print(f"{engine:>6}: ERROR {r['error'][:300]}")
             else:
+                busy = ((r.get("trace_summary") or {}).get("gpu") or {}).get("busy_fraction")
                 print(f"{engine:>6}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
-                      f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}")
+                      f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}"
+                      + (f", GPU busy {busy:.1%}" if busy is not None else ""))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Gated activations."""
+"""Gated activations. On CUDA the fused Triton kernel
+(braid.layers.triton_ops.silu_mul) runs; silu_and_mul_ref is its torch
+reference and the CPU path."""
 from __future__ import annotations
 
 import torch
@@ -6,9 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
 class SiluAndMul(nn.Module):
     """x = [gate | up] along the last dim -> silu(gate) * up (half the width)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        if x.is_cuda:
+            from braid.layers.triton_ops.silu_mul import silu_and_mul  # triton only where CUDA is
+
+            return silu_and_mul(x)
+        return silu_and_mul_ref(x)

@@ -82,8 +82,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    shape = x.shape
+    x = x.view(shape[0], math.prod(shape[1:]) // head_dim, head_dim)  # not -1: T may be 0
+    if rotary_dim == head_dim:
+        out = x * cos + _rotate_half(x) * sin
+    else:
+        rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        out = torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return out.reshape(shape)
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    head_dim: int,
+    rotary_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of triton_ops.rotary.rotary_embedding_ (returns new tensors; HF's rounding)."""
+    cos = cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)  # [T, 1, rot]
+    sin = sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
+    return _apply_rotary(q, cos, sin, head_dim, rotary_dim), _apply_rotary(k, cos, sin, head_dim, rotary_dim)
+
+
 class RotaryEmbedding(nn.Module):
-    """forward(positions [T], q [T, Hq*D], k [T, Hk*D]) -> rotated (q, k), same shapes and dtype."""
+    """forward(positions [T], q [T, Hq*D], k [T, Hk*D]) -> rotated (q, k), same shapes and dtype.
+
+    CPU: new tensors (rotary_embedding_ref). CUDA: the Triton kernel rotates q
+    and k in place and returns them.
+    """
 
     def __init__(
         self,
@@ -112,20 +142,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tokens = positions.shape[0]
-        cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)  # [T, 1, rot]
-        sin = self.sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
-        return self._apply(q, cos, sin, num_tokens), self._apply(k, cos, sin, num_tokens)
+        if q.is_cuda:
+            # Triton kernel, in place: q and k (usually views into the qkv
+            # projection output, which nothing else reads) are returned rotated.
+            from braid.layers.triton_ops.rotary import rotary_embedding_  # triton only where CUDA is
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(num_tokens, -1, self.head_dim)
-        if self.rotary_dim == self.head_dim:
-            out = x * cos + _rotate_half(x) * sin
-        else:
-            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-            out = torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
-        return out.reshape(shape)
+            rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim, self.rotary_dim)
+            return q, k
+        return rotary_embedding_ref(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim, self.rotary_dim)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}, base={self.base}, rope_type={self.rope_type}"

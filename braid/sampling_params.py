@@ -1,6 +1,7 @@
 """Per-request sampling parameters, named as in vLLM and validated on creation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Below this temperature sampling is greedy (argmax), as in vLLM.
@@ -43,6 +44,10 @@ class SamplingParams:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"{name} {why}")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, f"must be a finite number, got {value!r}")
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", f"must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
@@ -69,8 +74,8 @@ class SamplingParams:
             fail("logprobs", f"must be >= 0, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             fail("prompt_logprobs", f"must be >= 0, got {self.prompt_logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+            fail("seed", f"must be a 64-bit integer, got {self.seed!r}")
         if any(not s for s in self.stop):
             fail("stop", "must not contain empty strings")
 

@@ -70,9 +70,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one request's lookup (the scheduler calls this once, when it first schedules it)."""
+        if self.enable_caching:
+            self.stats.queries += num_tokens
+            self.stats.hits += num_hit_tokens
 
     def allocate_slots(
         self,

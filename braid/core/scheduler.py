@@ -29,6 +29,8 @@ class Scheduler:
         self.running: list[Request] = []
         # Finished since the last schedule(); the workers drop them next step.
         self._finished_ids: set[str] = set()
+        # Preempted since the last schedule(): workers set them aside until they resume.
+        self._preempted_ids: set[str] = set()
         self.num_preemptions = 0
 
     # ---- requests in and out -------------------------------------------------
@@ -78,7 +80,7 @@ class Scheduler:
         request.num_tokens_sent = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self._finished_ids.add(request.request_id)  # the workers forget it until it resumes
+        self._preempted_ids.add(request.request_id)
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
@@ -134,10 +136,11 @@ class Scheduler:
             if new_block_ids is None:
                 break
             self.waiting.popleft()
-            self._finished_ids.discard(request.request_id)
+            self._preempted_ids.discard(request.request_id)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
+                self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             new_reqs.append(
@@ -160,8 +163,10 @@ class Scheduler:
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_ids,
+            preempted_req_ids=self._preempted_ids,
         )
         self._finished_ids = set()
+        self._preempted_ids = set()
         # The KV of the scheduled tokens counts as computed from now on.
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n

@@ -36,8 +36,11 @@ class SchedulerOutput:
     # req_id -> tokens to compute this step, in batch order.
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
-    # Requests the workers must forget (finished, aborted or preempted).
+    # Requests the workers must forget (finished or aborted).
     finished_req_ids: set[str] = field(default_factory=set)
+    # Requests preempted this step: their KV is gone and they come back later as new
+    # requests, but workers keep their sampling state (a seeded generator continues).
+    preempted_req_ids: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:

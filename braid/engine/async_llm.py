@@ -47,6 +47,7 @@ class AsyncLLM:
         self._utility_futures: dict[int, asyncio.Future] = {}
         self._next_call_id = 0
         self.dead_reason: str | None = None
+        self._dead: asyncio.Event | None = None  # made on the serving loop
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, metrics=None) -> "AsyncLLM":
@@ -68,6 +69,7 @@ class AsyncLLM:
     def _ensure_output_task(self) -> None:
         if self._output_task is None:
             loop = asyncio.get_running_loop()
+            self._dead = asyncio.Event()
             self._output_task = loop.create_task(self._output_loop())
             loop.add_reader(self.client.sentinel, self._on_core_exit)
 
@@ -95,8 +97,8 @@ class AsyncLLM:
         finished = False
         try:
             for core_id, sample in zip(core_ids, samples):
-                await self.client.send(ser.ADD, EngineCoreRequest(core_id, core_request.prompt_token_ids, sample,
-                                                                  core_request.arrival_time))
+                await self._send(ser.ADD, EngineCoreRequest(core_id, core_request.prompt_token_ids, sample,
+                                                            core_request.arrival_time))
             while not finished:
                 item = await queue.get()
                 # Outputs are cumulative: when the consumer lags, only the newest matters.
@@ -121,7 +123,7 @@ class AsyncLLM:
     async def _abort_quietly(self, request_id: str) -> None:
         core_ids = self.output_processor.abort_request(request_id)
         if core_ids and not self.is_dead:
-            await self.client.send(ser.ABORT, core_ids)
+            await self._send(ser.ABORT, core_ids)
 
     async def call_utility(self, method: str):
         """Run one of EngineCoreProc.UTILITY_METHODS in the core and return its result."""
@@ -130,8 +132,19 @@ class AsyncLLM:
         self._next_call_id += 1
         future = asyncio.get_running_loop().create_future()
         self._utility_futures[self._next_call_id] = future
-        await self.client.send(ser.UTILITY, ser.UtilityCall(self._next_call_id, method))
+        await self._send(ser.UTILITY, ser.UtilityCall(self._next_call_id, method))
         return await future
+
+    async def _send(self, kind: bytes, body) -> None:
+        """Send to the core, or raise EngineDeadError if it dies first (a send to a dead peer can block)."""
+        send = asyncio.ensure_future(self.client.send(kind, body))
+        dead = asyncio.ensure_future(self._dead.wait())
+        done, _ = await asyncio.wait({send, dead}, return_when=asyncio.FIRST_COMPLETED)
+        if send not in done:
+            send.cancel()
+            raise EngineDeadError(self.dead_reason or "the engine core process is not running")
+        dead.cancel()
+        send.result()
 
     # ---- outputs from the core --------------------------------------------------------
     async def _output_loop(self) -> None:
@@ -165,7 +178,7 @@ class AsyncLLM:
                              if o.request_id in self.output_processor._sample_owner)
         outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs)
         if to_abort:
-            await self.client.send(ser.ABORT, to_abort)
+            await self._send(ser.ABORT, to_abort)
         new_prompt = 0
         for output in outputs:
             if output.request_id not in self._prompt_counted and any(c.token_ids for c in output.outputs):
@@ -187,6 +200,8 @@ class AsyncLLM:
         if self.dead_reason is None:
             self.dead_reason = reason
             logger.error("%s", reason)
+        if self._dead is not None:
+            self._dead.set()
         for queue in self._queues.values():
             queue.put_nowait(EngineDeadError(reason))
         for future in self._utility_futures.values():

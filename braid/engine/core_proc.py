@@ -12,12 +12,13 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 
 import zmq
 
 from braid.engine import serialization as ser
-from braid.engine.messages import EngineCoreOutputs
+from braid.engine.messages import EngineCoreOutput, EngineCoreOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class EngineCoreProc:
         self.input_socket = self.ctx.socket(zmq.PULL)
         self.input_socket.connect(input_addr)
         self.output_socket = self.ctx.socket(zmq.PUSH)
+        self.output_socket.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow frontend
         self.output_socket.connect(output_addr)
         self.inbox: queue.Queue = queue.Queue()
         self._stats_stale = False
@@ -54,8 +56,10 @@ class EngineCoreProc:
         if kind == ser.ADD:
             try:
                 self.core.add_request(body)
-            except ValueError as e:  # e.g. a duplicate id: report it as a finished request
+            except ValueError as e:  # e.g. a duplicate id: report it finished so no caller waits on it
                 logger.error("rejected request %s: %s", body.request_id, e)
+                rejected = EngineCoreOutput(body.request_id, [], finish_reason="abort")
+                self._send(ser.OUTPUTS, EngineCoreOutputs([rejected]))
         elif kind == ser.ABORT:
             self.core.abort_requests(body)
         elif kind == ser.UTILITY:
@@ -77,13 +81,16 @@ class EngineCoreProc:
 
     def run(self, parent_pid: int) -> None:
         running = True
+        last_parent_check = time.monotonic()
         while running:
+            if time.monotonic() - last_parent_check > _IDLE_POLL_S:
+                if os.getppid() != parent_pid:  # the frontend is gone: do not linger as an orphan
+                    return
+                last_parent_check = time.monotonic()
             if not self.core.has_unfinished_requests():
                 try:
                     message = self.inbox.get(timeout=_IDLE_POLL_S)
                 except queue.Empty:
-                    if os.getppid() != parent_pid:  # the frontend is gone: do not linger as an orphan
-                        return
                     continue
                 running = self._handle(*message)
             while running:

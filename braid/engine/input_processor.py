@@ -11,6 +11,13 @@ from braid.sampling_params import SamplingParams
 PromptType = str | list[int] | dict[str, Any]
 
 
+def _token_ids(ids) -> list[int]:
+    # bool is an int subclass, and floats would only fail later inside a step.
+    if not isinstance(ids, (list, tuple)) or any(type(t) is not int for t in ids):
+        raise ValueError("prompt token ids must be a list of integers")
+    return list(ids)
+
+
 class InputProcessor:
     def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.tokenizer = tokenizer
@@ -21,15 +28,15 @@ class InputProcessor:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_ids(prompt)
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineCoreRequest]:
@@ -44,8 +51,12 @@ class InputProcessor:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
-        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(type(t) is not int or not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers in [0, {self.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.vocab_size:
+                raise ValueError(f"{name} ({n}) exceeds the vocabulary size ({self.vocab_size})")
         params = copy.copy(params)
         params.eos_token_ids = list(self.eos_token_ids)
         room = self.max_model_len - len(ids)

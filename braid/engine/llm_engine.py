@@ -21,10 +21,10 @@ def sample_params_for(params: SamplingParams) -> list[SamplingParams]:
     """n samples become n engine requests; seeded ones get seed, seed+1, ... so they differ."""
     if params.n == 1:
         return [params]
-    return [
-        dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-        for i in range(params.n)
-    ]
+    def nth_seed(i: int) -> int | None:  # stays a 64-bit integer
+        return None if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63
+
+    return [dataclasses.replace(params, n=1, seed=nth_seed(i)) for i in range(params.n)]
 
 
 class LLMEngine:

@@ -39,7 +39,7 @@ class SampleState:
             text=self.visible_text(),
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -65,7 +65,7 @@ class RequestState:
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=self.prompt_logprobs,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             outputs=[s.completion() for s in ordered],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
@@ -86,12 +86,13 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     sample_params: list[SamplingParams], arrival_time: float | None = None) -> list[str]:
         """Register a request with one SamplingParams per sample; returns the core request ids."""
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         n = len(sample_params)
+        core_ids = [sample_request_id(request_id, i, n) for i in range(n)]
+        if request_id in self.requests or any(c in self._sample_owner for c in core_ids):
+            raise ValueError(f"request id {request_id!r} is already in use")
         samples = {}
         for index, params in enumerate(sample_params):
-            core_id = sample_request_id(request_id, index, n)
+            core_id = core_ids[index]
             samples[core_id] = SampleState(
                 index=index,
                 params=params,

@@ -50,6 +50,8 @@ class DecodeCudaGraphs:
         self.host_block_table = torch.zeros((n, self.max_blocks), dtype=i32, pin_memory=True)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_bytes = 0
+        # The last step's uploads from the staging buffers; they must land before we overwrite them.
+        self._uploaded: torch.cuda.Event | None = None
 
     def _context(self, size: int) -> ForwardContext:
         metadata = AttentionMetadata(
@@ -92,6 +94,8 @@ class DecodeCudaGraphs:
         """Replay the bucket that fits this decode batch; returns hidden states [B, H]."""
         b = host.num_reqs
         size = next(s for s in self.sizes if s >= b)
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
         staged = self.host_i64.numpy()
         staged[0, :b] = host.input_ids
         staged[1, :b] = host.positions
@@ -109,6 +113,8 @@ class DecodeCudaGraphs:
         self.slot_mapping[:size].copy_(self.host_i64[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
         self.block_table[:size, :width].copy_(self.host_block_table[:size, :width], non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:b]

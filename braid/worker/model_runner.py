@@ -36,6 +36,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.attn_backend = get_attention_backend(config.device.attention_backend)
         self.requests: dict[str, CachedRequestState] = {}
+        self.preempted: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: DecodeCudaGraphs | None = None
 
@@ -101,10 +102,14 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            self.preempted.pop(req_id, None)
+        for req_id in so.preempted_req_ids:
+            self.preempted[req_id] = self.requests.pop(req_id)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
-            generator = None
-            if params.seed is not None and not params.greedy:
+            resumed = self.preempted.pop(new.req_id, None)
+            generator = resumed.generator if resumed is not None else None
+            if generator is None and params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed)
             self.requests[new.req_id] = CachedRequestState(
@@ -115,6 +120,7 @@ class ModelRunner:
                 block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 generator=generator,
+                num_prompt_logprobs_done=resumed.num_prompt_logprobs_done if resumed is not None else 0,
             )
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]

@@ -17,6 +17,9 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None
+    # Prompt positions whose logprobs were already reported (a preempted request
+    # recomputes its prompt; it must not report them twice).
+    num_prompt_logprobs_done: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -101,7 +101,8 @@ def test_preemption_by_recompute_when_blocks_run_out():
     # A resumed request is sent whole again, with the outputs it had before preemption.
     resumed = [n for st in steps for n in st.scheduled_new_reqs if n.req_id == "b" and n.output_token_ids]
     assert resumed and resumed[0].num_computed_tokens % 4 == 0
-    assert any("b" in st.finished_req_ids for st in steps)
+    assert any("b" in st.preempted_req_ids for st in steps)
+    assert not any("b" in st.finished_req_ids for st in steps[:-1])
     assert s.kv.num_free_blocks == s.kv.num_blocks
 
 

@@ -74,3 +74,16 @@ def test_preempted_and_recomputed(smollm2_path, prompts, alone):
     assert llm.llm_engine.last_stats.num_preemptions > 0
     assert got[:4] == alone
     assert_pool_full(llm)
+
+
+def test_seeded_sampling_survives_preemption(smollm2_path, base, prompts):
+    """A preempted request keeps its seeded generator, so its samples match an unpreempted run."""
+    seeded = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=NEW_TOKENS, ignore_eos=True)
+              for i in range(16)]
+    reqs = [{"prompt_token_ids": p} for p in prompts[:16]]
+    calm = [o.outputs[0].token_ids for o in base.generate(reqs, seeded, use_tqdm=False)]
+    tight = LLM(smollm2_path, max_model_len=160, num_gpu_blocks_override=12, max_num_seqs=16)
+    squeezed = [o.outputs[0].token_ids for o in tight.generate(reqs, seeded, use_tqdm=False)]
+    assert tight.llm_engine.last_stats.num_preemptions > 0
+    assert squeezed == calm
+    assert_pool_full(tight)

@@ -37,17 +37,27 @@ class DecodeCudaGraphs:
         self.sizes = capture_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
-        n, i32, i64 = self.max_batch_size, torch.int32, torch.int64
-        self.input_ids = torch.zeros(n, dtype=i64, device=device)
-        self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
-        self.seq_lens = torch.ones(n, dtype=i32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)  # one token per request
-        self.block_table = torch.zeros((n, self.max_blocks), dtype=i32, device=device)
-        # Pinned staging so each step's uploads are asynchronous copies.
-        self.host_i64 = torch.zeros((3, n), dtype=i64, pin_memory=True)
-        self.host_seq_lens = torch.ones(n, dtype=i32, pin_memory=True)
-        self.host_block_table = torch.zeros((n, self.max_blocks), dtype=i32, pin_memory=True)
+        n = self.max_batch_size
+        # All per-step inputs live in one byte buffer, mirrored by one pinned host buffer,
+        # so a step uploads them with a single copy. Typed views of both share one layout.
+        layout = [("input_ids", torch.int64, (n,)), ("positions", torch.int64, (n,)),
+                  ("slot_mapping", torch.int64, (n,)), ("seq_lens", torch.int32, (n,)),
+                  ("block_table", torch.int32, (n, self.max_blocks))]
+        total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
+        self.device_buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.host_buffer = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
+        self.dev: dict[str, torch.Tensor] = {}
+        self.host: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            size = _nbytes(dtype, shape)
+            self.dev[name] = self.device_buffer[offset : offset + size].view(dtype).view(shape)
+            self.host[name] = self.host_buffer[offset : offset + size].view(dtype).view(shape).numpy()
+            offset += size
+        self.host["slot_mapping"][:] = -1
+        self.host["seq_lens"][:] = 1
+        self.device_buffer.copy_(self.host_buffer)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per request
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_bytes = 0
         # The last step's uploads from the staging buffers; they must land before we overwrite them.
@@ -57,9 +67,9 @@ class DecodeCudaGraphs:
         metadata = AttentionMetadata(
             num_actual_tokens=size,
             query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_table=self.block_table[:size],
-            slot_mapping=self.slot_mapping[:size],
+            seq_lens=self.dev["seq_lens"][:size],
+            block_table=self.dev["block_table"][:size],
+            slot_mapping=self.dev["slot_mapping"][:size],
             max_query_len=1,
             # Kernel choices must hold for any context the graph will see.
             max_seq_len=self.max_model_len,
@@ -74,12 +84,13 @@ class DecodeCudaGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             ctx = self._context(size)
+            ids, positions = self.dev["input_ids"][:size], self.dev["positions"][:size]
             with set_forward_context(ctx):  # warm-up compiles kernels outside the capture
-                self.model(self.input_ids[:size], self.positions[:size])
+                self.model(ids, positions)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), set_forward_context(ctx):
-                hidden = self.model(self.input_ids[:size], self.positions[:size])
+                hidden = self.model(ids, positions)
             pool = graph.pool() if pool is None else pool
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
@@ -96,28 +107,26 @@ class DecodeCudaGraphs:
         size = next(s for s in self.sizes if s >= b)
         if self._uploaded is not None:
             self._uploaded.synchronize()
-        staged = self.host_i64.numpy()
-        staged[0, :b] = host.input_ids
-        staged[1, :b] = host.positions
-        staged[2, :b] = host.slot_mapping
-        staged[2, b:size] = -1  # padded rows write no KV
-        seq_lens = self.host_seq_lens.numpy()
-        seq_lens[:b] = host.seq_lens
-        seq_lens[b:size] = 1
+        h = self.host
+        h["input_ids"][:b] = host.input_ids
+        h["positions"][:b] = host.positions
+        h["slot_mapping"][:b] = host.slot_mapping
+        h["slot_mapping"][b:size] = -1  # padded rows write no KV
+        h["seq_lens"][:b] = host.seq_lens
+        h["seq_lens"][b:size] = 1
         width = host.block_table.shape[1]
-        table = self.host_block_table.numpy()
-        table[:b, :width] = host.block_table
-        table[b:size] = 0
-        self.input_ids[:size].copy_(self.host_i64[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self.host_i64[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self.host_i64[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
-        self.block_table[:size, :width].copy_(self.host_block_table[:size, :width], non_blocking=True)
+        h["block_table"][:b, :width] = host.block_table
+        h["block_table"][b:size] = 0
+        self.device_buffer.copy_(self.host_buffer, non_blocking=True)  # the step's single upload
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:b]
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
 
 
 def estimate_graph_memory(peak_activation_bytes: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:

@@ -1,25 +1,59 @@
 """Collectives used by model layers, in one place.
 
 Tensor-parallel layers call these and nothing else; with one TP rank they are
-identities. When TP lands, these functions go through the TP process group
-(and DBO's yield/switch hooks wrap them), with no change in the layers.
+identities (no torch.distributed needed). With tp_size > 1 they run over the
+TP process group from parallel_state (gloo on CPU, NCCL on GPU: whatever the
+group was created with). DBO's yield/switch hooks will wrap these functions,
+with no change in the layers.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from braid.distributed.parallel_state import get_tp_size
+from braid.distributed.parallel_state import get_tp_group, get_tp_size
+
+
+def _tp_group_or_raise():
+    group = get_tp_group()
+    if group is None:
+        raise RuntimeError(
+            f"tp_size is {get_tp_size()} but no TP process group exists; call init_model_parallel() first"
+        )
+    return group
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the TP group (RowParallelLinear outputs, vocab-parallel embedding)."""
+    """Sum x over the TP group (RowParallelLinear outputs, vocab-parallel embedding).
+
+    For tp > 1 the sum is written into x itself when it is contiguous (no
+    allocation; the caller must not reuse x's old value) and the result is returned."""
     if get_tp_size() == 1:
         return x
-    raise NotImplementedError("tensor-parallel all-reduce is not wired yet (tp_size > 1)")
+    group = _tp_group_or_raise()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
 
 
 def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Concatenate each TP rank's x along dim (vocab-parallel logits)."""
-    if get_tp_size() == 1:
+    """Concatenate each TP rank's x along dim, in TP-rank order (vocab-parallel logits).
+    All ranks' x must have the same shape."""
+    tp_size = get_tp_size()
+    if tp_size == 1:
         return x
-    raise NotImplementedError("tensor-parallel all-gather is not wired yet (tp_size > 1)")
+    group = _tp_group_or_raise()
+    if dim < 0:
+        dim += x.dim()
+    if not 0 <= dim < x.dim():
+        raise IndexError(f"all_gather dim out of range for a {x.dim()}-d tensor")
+    x = x.contiguous()
+    if dist.get_backend(group) == "nccl":
+        # One flat buffer [tp, *x.shape], then move the rank axis next to dim.
+        out = torch.empty((tp_size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out.movedim(0, dim).reshape(x.shape[:dim] + (tp_size * x.shape[dim],) + x.shape[dim + 1:])
+    parts = [torch.empty_like(x) for _ in range(tp_size)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)

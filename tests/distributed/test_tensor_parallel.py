@@ -245,7 +245,9 @@ def _failing_worker(rank: int, world_size: int, init_file: str) -> None:
 
 def test_a_failing_rank_fails_the_test_fast(tmp_path):
     start = time.monotonic()
-    with pytest.raises(Exception, match="rank 1 fails on purpose"):
+    # Whichever rank is reported first: rank 1's own error, or rank 0's collective
+    # failing because its peer is gone. Either way the run fails, and fails fast.
+    with pytest.raises(Exception, match="rank 1 fails on purpose|Connection reset|Connection closed|[Tt]imed out"):
         _spawn(_failing_worker, 2, str(tmp_path / "dist_init"))
     assert time.monotonic() - start < DEADLINE_S
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,33 +12,13 @@ import time
 import httpx
 import psutil
 
+from braid.bench.soak import free_port, parse_metrics  # noqa: F401 - tests import them from here
+
 STARTUP_TIMEOUT_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_command() -> list[str]:
-    """`braid serve` through the CLI once cli.py registers it; the server module's own main until then."""
-    import braid.entrypoints.cli as cli
-
-    with open(cli.__file__) as f:
-        wired = "add_serve_parser" in f.read()
-    module = "braid.entrypoints.cli" if wired else "braid.entrypoints.api_server"
-    return [sys.executable, "-m", module] + (["serve"] if wired else [])
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value}, label sets summed per name (one model here)."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if m:
-            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
-    return values
+    return [sys.executable, "-m", "braid.entrypoints.cli", "serve"]
 
 
 def _alive(p: psutil.Process) -> bool:

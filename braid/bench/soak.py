@@ -174,8 +174,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, spec: Spec, abort_after: in
                 usage = obj["usage"]
         if abort_after is not None and events >= abort_after:
             return Outcome("aborted")  # the caller's `async with` closes the connection
-    if abort_after is not None:
-        pass  # the stream ended before the abort point: judge it as a completed request
+    # A stream that ended before its abort point is judged as a completed request.
     if not done:
         return Outcome(resp.status, problem="stream ended without [DONE]")
     tokens = usage.get("completion_tokens") if usage else None

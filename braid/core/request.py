@@ -7,6 +7,7 @@ out a token budget over them.
 from __future__ import annotations
 
 import enum
+import functools
 
 from braid.engine.messages import EngineCoreRequest
 
@@ -41,6 +42,11 @@ class Request:
         self.num_tokens_sent = 0
         self.block_size = block_size
         self.block_hashes: list[bytes] = []  # filled by the KV cache manager
+
+    @functools.cached_property
+    def stop_token_ids(self) -> set[int]:
+        """EOS (unless ignored) and stop_token_ids; checked for every sampled token, so built once."""
+        return self.sampling_params.all_stop_token_ids()
 
     @property
     def num_tokens(self) -> int:

@@ -208,7 +208,7 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids():
+        if request.num_output_tokens >= params.min_tokens and token_id in request.stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id

@@ -175,7 +175,7 @@ class AsyncLLM:
             if self.metrics is not None:
                 self.metrics.record_stats(core_outputs.stats)
         new_generation = sum(len(o.new_token_ids) for o in core_outputs.outputs
-                             if o.request_id in self.output_processor._sample_owner)
+                             if self.output_processor.owns(o.request_id))
         outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs)
         if to_abort:
             await self._send(ser.ABORT, to_abort)

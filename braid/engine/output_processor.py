@@ -112,6 +112,10 @@ class OutputProcessor:
         )
         return list(samples)
 
+    def owns(self, core_request_id: str) -> bool:
+        """Whether outputs for this engine request are still wanted."""
+        return core_request_id in self._sample_owner
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 

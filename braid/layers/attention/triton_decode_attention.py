@@ -149,6 +149,8 @@ def split_kv_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     tile_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     """Decode-only batches (every query_len <= 1): attention with the context split num_splits ways."""
     assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
@@ -193,6 +195,8 @@ def split_kv_decode_attention(
         HEAD_DIM_PAD=d_pad,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _merge_splits_kernel[(num_reqs, num_heads)](
         out,

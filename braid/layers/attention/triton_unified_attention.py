@@ -218,6 +218,8 @@ def unified_attention(
     sliding_window: int | None = None,
     block_m: int | None = None,
     tile_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -266,4 +268,6 @@ def unified_attention(
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )

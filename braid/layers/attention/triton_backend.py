@@ -15,24 +15,25 @@ from braid.layers.attention.triton_cache_write import write_kv_cache_triton
 from braid.layers.attention.triton_decode_attention import split_kv_decode_attention
 from braid.layers.attention.triton_unified_attention import unified_attention
 
-# Split-KV decode pays a second launch and fp32 scratch traffic; it wins only when
-# contexts are long enough that a single program per (request, kv head) is the bottleneck.
-SPLIT_KV_MIN_SEQ_LEN = 1024
-KEYS_PER_SPLIT = 512  # aim for at least this many keys per split program
+# Split-KV decode pays a second launch and fp32 scratch traffic; it wins when one
+# program per (request, kv head) leaves most SMs idle: few requests, or long contexts.
+# H100 profile (Llama-3-8B shape, context 512): batch 1 spends ~30 us per layer in
+# 8 serial programs unsplit; batch 64 (512 programs) gains nothing from splitting.
+TARGET_PROGRAMS = 256  # about two programs per SM on an H100 (132 SMs)
+MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost outweighs its keys
 MAX_SPLITS = 16
-# With this many (request, kv head) programs the GPU is already full without splitting
-# (a few waves over ~132 SMs).
-SPLIT_KV_MAX_PROGRAMS = 512
 
 
 def choose_num_splits(max_query_len: int, max_seq_len: int, num_reqs: int, num_kv_heads: int) -> int:
     """1 = unified kernel; >1 = split-KV decode with that many (power-of-two) splits."""
-    if max_query_len != 1 or max_seq_len < SPLIT_KV_MIN_SEQ_LEN:
+    programs = num_reqs * num_kv_heads
+    if max_query_len != 1 or programs >= TARGET_PROGRAMS:
         return 1
-    if num_reqs * num_kv_heads >= SPLIT_KV_MAX_PROGRAMS:
-        return 1
-    splits = triton.next_power_of_2(triton.cdiv(max_seq_len, KEYS_PER_SPLIT))
-    return max(1, min(splits, MAX_SPLITS))
+    splits = min(TARGET_PROGRAMS // programs, triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    power = 1
+    while power * 2 <= splits:
+        power *= 2
+    return power
 
 
 class TritonBackend:

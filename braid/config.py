@@ -93,6 +93,8 @@ class SchedulerConfig:
     # A prefill longer than this is cut into chunks even when budget remains
     # (0: only the token budget limits it).
     long_prefill_token_threshold: int = 0
+    # Schedule and launch step t+1 while step t runs on the device (two batches in flight).
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

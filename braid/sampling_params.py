@@ -83,6 +83,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Penalties read every generated token id, so the sampler needs the full history on the host."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
     def all_stop_token_ids(self) -> set[int]:
         ids = set(self.stop_token_ids)
         if not self.ignore_eos:

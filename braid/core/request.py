@@ -42,6 +42,10 @@ class Request:
         self.num_tokens_sent = 0
         self.block_size = block_size
         self.block_hashes: list[bytes] = []  # filled by the KV cache manager
+        # Async scheduling: tokens scheduled to be sampled whose ids have not come back yet,
+        # and steps holding this request that have not reported back yet.
+        self.num_output_placeholders = 0
+        self.num_in_flight_steps = 0
 
     @functools.cached_property
     def stop_token_ids(self) -> set[int]:

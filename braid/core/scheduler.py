@@ -5,6 +5,14 @@ first (oldest first), then waiting ones (FCFS). A request's share is simply
 how many of its tokens are not yet computed, so long prompts are chunked and
 decodes and prefills share a batch. When the KV pool runs dry the newest
 running request is preempted: its blocks are freed and it is recomputed later.
+
+Async scheduling: the next step is scheduled while the current one runs, so a
+request that will sample a token this step is handed its next decode before the
+token's id is known. That token is a placeholder
+(`Request.num_output_placeholders`): it counts towards the request's length when
+scheduling, the worker feeds it from the GPU, and the host learns its id when
+the step reports back. A request whose pending tokens will certainly finish it
+(max_tokens, max_model_len) is not scheduled again.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ class Scheduler:
         # Preempted since the last schedule(): workers set them aside until they resume.
         self._preempted_ids: set[str] = set()
         self.num_preemptions = 0
+        # Finished requests still held by steps in flight: their results are dropped (a new
+        # request may reuse the id meanwhile). req_id -> steps still to report.
+        self._stale_in_flight: dict[str, int] = {}
+        # Unfinished requests whose sampling reads their generated tokens (penalties).
+        self.num_needing_output_history = 0
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -39,6 +52,8 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.sampling_params.uses_penalties:
+            self.num_needing_output_history += 1
 
     def abort_requests(self, request_ids) -> list[Request]:
         aborted = []
@@ -46,10 +61,7 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.is_finished():
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
+            self._dequeue(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             aborted.append(request)
         return aborted
@@ -60,18 +72,39 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def _dequeue(self, request: Request, status: RequestStatus | None = None) -> None:
+        """Take an unfinished request out of its queue (status: where it was, if since overwritten)."""
+        if (status or request.status) == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:  # waiting, or preempted while a step that held it was in flight
+            self.waiting.remove(request)
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         self.kv.free(request)
         self._finished_ids.add(request.request_id)
         del self.requests[request.request_id]
+        if request.num_in_flight_steps:
+            self._stale_in_flight[request.request_id] = request.num_in_flight_steps
+        if request.sampling_params.uses_penalties:
+            self.num_needing_output_history -= 1
 
     # ---- scheduling ------------------------------------------------------------
     def _token_share(self, request: Request, budget: int) -> int:
-        n = request.num_tokens - request.num_computed_tokens
+        if request.num_output_placeholders and self._finishes_with_pending(request):
+            return 0
+        n = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
         return min(n, budget)
+
+    def _finishes_with_pending(self, request: Request) -> bool:
+        """The tokens already in flight will end this request by length: schedule it no further."""
+        params = request.sampling_params
+        pending_outputs = request.num_output_tokens + request.num_output_placeholders
+        pending_len = request.num_tokens + request.num_output_placeholders
+        return ((params.max_tokens is not None and pending_outputs >= params.max_tokens)
+                or pending_len >= self.config.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -125,6 +158,8 @@ class Scheduler:
         # Then waiting requests in arrival order, unless this step had to preempt.
         while self.waiting and budget > 0 and not preempted_any and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:  # preempted with a token still in flight
+                break
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_cached
             if not self.config.enable_chunked_prefill and num_new > budget:
@@ -167,20 +202,33 @@ class Scheduler:
         )
         self._finished_ids = set()
         self._preempted_ids = set()
-        # The KV of the scheduled tokens counts as computed from now on.
+        # The KV of the scheduled tokens counts as computed from now on; a request whose
+        # every known and pending token is then computed samples one more (a placeholder).
         for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+            request = self.requests[req_id]
+            request.num_computed_tokens += n
+            request.num_in_flight_steps += 1
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
         return output
 
     # ---- results ---------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
         outputs: list[EngineCoreOutput] = []
         for idx, req_id in enumerate(runner_output.req_ids):
-            request = self.requests.get(req_id)
-            if request is None:  # aborted while the step ran
+            stale = self._stale_in_flight.get(req_id)
+            if stale is not None:  # finished (aborted, stopped) while this step ran
+                if stale == 1:
+                    del self._stale_in_flight[req_id]
+                else:
+                    self._stale_in_flight[req_id] = stale - 1
                 continue
+            request = self.requests[req_id]
+            request.num_in_flight_steps -= 1
             prompt_lps = runner_output.prompt_logprobs.get(req_id)
             sampled = runner_output.sampled_token_ids[idx]
+            request.num_output_placeholders = max(0, request.num_output_placeholders - len(sampled))
+            queued_as = request.status  # RUNNING, or PREEMPTED after this step was launched
             new_tokens: list[int] = []
             for token_id in sampled:
                 request.append_output_token(token_id)
@@ -202,7 +250,7 @@ class Scheduler:
                 )
             )
             if request.is_finished():
-                self.running.remove(request)
+                self._dequeue(request, queued_as)
                 self._finish(request, request.status)
         return EngineCoreOutputs(outputs=outputs, stats=self.make_stats())
 

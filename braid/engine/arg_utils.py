@@ -51,6 +51,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool = False
     trace_dir: str | None = None
 
     @staticmethod
@@ -79,6 +80,8 @@ class EngineArgs:
         parser.add_argument("--long-prefill-token-threshold", type=int, default=0)
         parser.add_argument("--enforce-eager", action="store_true",
                             help="run every step eagerly (no CUDA graphs for decode batches)")
+        parser.add_argument("--async-scheduling", action="store_true",
+                            help="schedule and launch the next step while the current one runs on the device")
         parser.add_argument("--trace-dir", default=None,
                             help="write a Chrome/Perfetto timeline of engine steps here; read it with "
                                  "`braid trace summarize DIR`")
@@ -148,6 +151,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                async_scheduling=self.async_scheduling,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
             trace_dir=self.trace_dir,

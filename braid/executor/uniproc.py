@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.worker import Worker
 
 
@@ -18,6 +19,10 @@ class UniprocExecutor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
+        """Launch the step; the result's .result() waits for its sampled tokens."""
+        return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:
         pass

@@ -25,6 +25,13 @@ class SamplingRow:
     # Per-request generator on the sampling device, seeded from params.seed;
     # None when the request is unseeded (the default device generator is used).
     generator: torch.Generator | None = None
+    # Tokens generated before this one, when output_token_ids lags behind (async
+    # scheduling: the previous token's id is still on the GPU). None: len(output_token_ids).
+    num_output_tokens: int | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) if self.num_output_tokens is None else self.num_output_tokens
 
 
 @dataclass
@@ -125,7 +132,7 @@ class SamplingMetadata:
         mask_rows: list[int] = []
         mask_cols: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if r.num_generated < r.params.min_tokens:
                 for t in sorted(r.params.all_stop_token_ids()):
                     if 0 <= t < vocab_size:
                         mask_rows.append(i)

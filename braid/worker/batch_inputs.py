@@ -25,6 +25,10 @@ class HostBatch:
     num_computed_before: np.ndarray  # [R] tokens computed before this step
     max_query_len: int
     max_seq_len: int
+    # Async scheduling: flat indices of input tokens the host does not know yet (each
+    # request's previous sampled token, still on the GPU), and the request row of each.
+    pending_token_index: np.ndarray  # [P] int64
+    pending_req_index: np.ndarray  # [P] int64
 
     @property
     def num_tokens(self) -> int:
@@ -61,8 +65,18 @@ def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], 
     positions = starts[req_of_token] + (np.arange(total) - query_start_loc[req_of_token])
 
     input_ids = np.empty(total, dtype=np.int64)
+    pending_token, pending_req = [], []
     for i, (r, s, n) in enumerate(zip(requests, starts, query_lens)):
-        input_ids[query_start_loc[i] : query_start_loc[i + 1]] = r.token_ids[s : s + n]
+        known = r.token_ids[s : s + n]
+        lo = int(query_start_loc[i])
+        input_ids[lo : lo + len(known)] = known
+        if len(known) < n:  # the step before this one samples the last input token
+            if len(known) != n - 1:
+                raise RuntimeError(f"request {r.req_id}: {n - len(known)} unknown input tokens; at most one "
+                                   f"(the previous step's sample) can be pending")
+            input_ids[lo + n - 1] = 0
+            pending_token.append(lo + n - 1)
+            pending_req.append(i)
 
     max_blocks = max((len(r.block_ids) for r in requests), default=1) or 1
     block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
@@ -80,6 +94,8 @@ def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], 
         num_computed_before=starts,
         max_query_len=int(query_lens.max(initial=0)),
         max_seq_len=int(seq_lens.max(initial=0)),
+        pending_token_index=np.asarray(pending_token, dtype=np.int64),
+        pending_req_index=np.asarray(pending_req, dtype=np.int64),
     )
 
 

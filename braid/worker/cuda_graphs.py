@@ -42,7 +42,9 @@ class DecodeCudaGraphs:
         # so a step uploads them with a single copy. Typed views of both share one layout.
         layout = [("input_ids", torch.int64, (n,)), ("positions", torch.int64, (n,)),
                   ("slot_mapping", torch.int64, (n,)), ("seq_lens", torch.int32, (n,)),
-                  ("block_table", torch.int32, (n, self.max_blocks))]
+                  ("block_table", torch.int32, (n, self.max_blocks)),
+                  # Async scheduling: input slots filled on the GPU from the previous step's samples.
+                  ("pending_dst", torch.int64, (n,)), ("pending_src", torch.int64, (n,))]
         total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
         self.device_buffer = torch.zeros(total, dtype=torch.uint8, device=device)
         self.host_buffer = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
@@ -101,8 +103,11 @@ class DecodeCudaGraphs:
     def can_run(self, host: HostBatch) -> bool:
         return host.max_query_len == 1 and host.num_tokens == host.num_reqs <= self.max_batch_size
 
-    def run(self, host: HostBatch) -> torch.Tensor:
-        """Replay the bucket that fits this decode batch; returns hidden states [B, H]."""
+    def run(self, host: HostBatch, prev_sampled: torch.Tensor | None = None,
+            pending_src: np.ndarray | None = None) -> torch.Tensor:
+        """Replay the bucket that fits this decode batch; returns hidden states [B, H].
+
+        Input token host.pending_token_index[i] is prev_sampled[pending_src[i]] (async scheduling)."""
         b = host.num_reqs
         size = next(s for s in self.sizes if s >= b)
         if self._uploaded is not None:
@@ -117,9 +122,16 @@ class DecodeCudaGraphs:
         width = host.block_table.shape[1]
         h["block_table"][:b, :width] = host.block_table
         h["block_table"][b:size] = 0
+        num_pending = len(host.pending_token_index)
+        h["pending_dst"][:num_pending] = host.pending_token_index
+        if num_pending:
+            h["pending_src"][:num_pending] = pending_src
         self.device_buffer.copy_(self.host_buffer, non_blocking=True)  # the step's single upload
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
+        if num_pending:
+            dst = self.dev["pending_dst"][:num_pending]
+            self.dev["input_ids"].index_copy_(0, dst, prev_sampled.index_select(0, self.dev["pending_src"][:num_pending]))
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:b]

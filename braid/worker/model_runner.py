@@ -15,7 +15,8 @@ from braid.layers.sampler import Sampler
 from braid.layers.sampling_metadata import SamplingMetadata, SamplingRow
 from braid.worker.batch_inputs import build_host_batch, upload
 from braid.worker.cuda_graphs import DecodeCudaGraphs
-from braid.worker.logprobs import prompt_logprobs_for_chunk, to_token_logprobs
+from braid.worker.async_output import AsyncModelRunnerOutput
+from braid.worker.logprobs import prompt_logprobs_for_chunk
 from braid.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class ModelRunner:
         self.preempted: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: DecodeCudaGraphs | None = None
+        # The last step's sampled ids on the device, and each sampling request's row in them.
+        self.prev_sampled: torch.Tensor | None = None
+        self.prev_sampled_rows: dict[str, int] = {}
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -129,31 +133,43 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ---- one step ----------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(so).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput:
+        """Launch one step and return without waiting for the GPU (except for prompt logprobs)."""
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            return ModelRunnerOutput([], [], [])
+            return AsyncModelRunnerOutput.empty()
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
         tracer = self.tracer
         with tracer.cpu_span("prepare_inputs"):
             host = build_host_batch(states, num_tokens, self.block_size)
+            pending_src = self._pending_sources(host, req_ids)
         with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
             if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-                hidden = self.cuda_graphs.run(host)
+                hidden = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
             else:
                 batch = upload(host, self.device)
+                if pending_src is not None:
+                    dst = torch.as_tensor(host.pending_token_index, device=self.device)
+                    src = torch.as_tensor(pending_src, device=self.device)
+                    batch.input_ids.index_copy_(0, dst, self.prev_sampled.index_select(0, src))
                 with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
                     hidden = self.model(batch.input_ids, batch.positions)
 
         # Only requests whose every known token is now computed sample a token;
         # a partial prefill chunk samples nothing (and draws no random numbers).
         seq_ends = host.num_computed_before + np.asarray(num_tokens)
-        sampling_rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
+        rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
         with tracer.cpu_span("sample"), tracer.gpu_span("sample"):
-            sampled, logprobs = self._sample(states, sampling_rows, hidden, host)
+            sampled, logprobs = self._sample(states, rows, seq_ends, hidden, host)
+        # The next step's inputs may include these samples before the host sees them.
+        self.prev_sampled = sampled
+        self.prev_sampled_rows = {req_ids[i]: j for j, i in enumerate(rows)}
 
         prompt_lps = {}
         for i, state in enumerate(states):
@@ -165,29 +181,35 @@ class ModelRunner:
 
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
-        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=prompt_lps)
+        wanted = [states[i].sampling_params.logprobs for i in rows]
+        return AsyncModelRunnerOutput(req_ids, rows, sampled, logprobs, wanted, prompt_lps)
 
-    def _sample(self, states, rows_to_sample: list[int], hidden: torch.Tensor, host) -> tuple[list, list]:
-        """Sample one token for each listed row; returns per-request token lists and logprobs."""
-        sampled: list[list[int]] = [[] for _ in states]
-        logprobs: list = [None] * len(states)
+    def _pending_sources(self, host, req_ids: list[str]) -> np.ndarray | None:
+        """Row of the previous step's samples that feeds each pending input token."""
+        if not len(host.pending_req_index):
+            return None
+        try:
+            return np.asarray([self.prev_sampled_rows[req_ids[i]] for i in host.pending_req_index], dtype=np.int64)
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]} has a pending input token but did not sample in the "
+                               f"previous step") from None
+
+    def _sample(self, states, rows_to_sample: list[int], seq_ends: np.ndarray, hidden: torch.Tensor, host):
+        """Sample one token for each listed row, on the device; returns (ids [N], logprobs tensors or None)."""
         if not rows_to_sample:
-            return sampled, logprobs
+            return None, None
         idx = torch.as_tensor(host.last_token_indices[rows_to_sample], device=self.device)
         logits = self.model.compute_logits(hidden[idx])
-        rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids, states[i].output_token_ids,
-                            states[i].generator) for i in rows_to_sample]
+        rows = []
+        for i in rows_to_sample:
+            s = states[i]
+            # Tokens generated before this one, counted from positions: the host's copy of
+            # the outputs may lag one token behind (async scheduling).
+            num_generated = int(seq_ends[i]) - s.num_prompt_tokens
+            rows.append(SamplingRow(s.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                                    num_output_tokens=num_generated))
         out = self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
-        token_ids = out.sampled_token_ids.tolist()
-        per_row_lps = to_token_logprobs(out.logprobs) if out.logprobs is not None else None
-        for j, i in enumerate(rows_to_sample):
-            sampled[i] = [token_ids[j]]
-            n = states[i].sampling_params.logprobs
-            if n is not None and per_row_lps is not None:
-                ids, lps, rank = per_row_lps[j]
-                logprobs[i] = [(ids[: n + 1], lps[: n + 1], rank)]
-        return sampled, logprobs
+        return out.sampled_token_ids, out.logprobs
 
 
 def _profile_params():

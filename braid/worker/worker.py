@@ -8,6 +8,7 @@ import torch
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.cuda_graphs import estimate_graph_memory
 from braid.worker.model_runner import ModelRunner
 
@@ -58,3 +59,6 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
+        return self.model_runner.execute_model_async(scheduler_output)

@@ -154,3 +154,32 @@ def test_prefix_cache_hit_skips_computed_tokens():
     out = s.schedule()
     assert out.scheduled_new_reqs[0].num_computed_tokens == 8
     assert out.num_scheduled_tokens == {"b": 2}
+
+
+def test_async_schedules_ahead_with_placeholders():
+    """Step t+1 is scheduled before step t reports: a decode runs on a placeholder token, a
+    request whose pending token ends it is not scheduled again, and late results of a
+    finished request are dropped even when its id is reused."""
+    s = make_scheduler(max_num_batched_tokens=64)
+    a = make_request("a", [1, 2, 3], max_tokens=3, ignore_eos=True)
+    b = make_request("b", [4, 5], max_tokens=1, ignore_eos=True)
+    s.add_request(a)
+    s.add_request(b)
+    step0 = s.schedule()
+    assert step0.num_scheduled_tokens == {"a": 3, "b": 2}
+    assert (a.num_output_placeholders, b.num_output_placeholders) == (1, 1)
+    step1 = s.schedule()  # step0 still in flight
+    assert step1.num_scheduled_tokens == {"a": 1}  # b's one token is pending: it is done
+    assert step1.scheduled_cached_reqs[0].new_token_ids == []  # its input is the placeholder
+    assert a.num_computed_tokens == 4 and a.num_output_placeholders == 2
+    out0 = s.update_from_output(step0, ModelRunnerOutput(["a", "b"], [[7], [8]], [None, None]))
+    assert {o.request_id: o.new_token_ids for o in out0.outputs} == {"a": [7], "b": [8]}
+    assert "b" not in s.requests and a.num_output_placeholders == 1
+    step2 = s.schedule()  # the diff now carries step0's token
+    assert step2.scheduled_cached_reqs[0].new_token_ids == [7]
+    s.abort_requests(["a"])  # steps 1 and 2 still hold it
+    s.add_request(make_request("a", [9, 9], max_tokens=2, ignore_eos=True))
+    for step in (step1, step2):
+        assert s.update_from_output(step, ModelRunnerOutput(["a"], [[5]], [None])).outputs == []
+    assert s.requests["a"].output_token_ids == [] and not s._stale_in_flight
+    assert s.kv.num_free_blocks == s.kv.num_blocks  # the old "a" gave its blocks back; the new one has none yet

@@ -39,16 +39,24 @@ def time_decode_steps(core: EngineCore, batch: int, context: int, steps: int, vo
     while len(started) < batch:
         for out in core.step().outputs:
             started.add(out.request_id)
+    # Steps back to back, no device sync in between (that would undo async scheduling):
+    # a step's time is the interval between two consecutive batches of tokens.
     times, kv_tokens = [], []
-    for _ in range(steps):
-        kv_tokens.append(sum(r.num_tokens for r in core.scheduler.running))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    torch.cuda.synchronize()
+    last = time.perf_counter()
+    while len(times) < steps:
+        context = sum(r.num_tokens for r in core.scheduler.running)
         outs = core.step().outputs
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        if not outs:  # async scheduling's first call only launches
+            continue
+        kv_tokens.append(context)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
         assert len(outs) == batch, f"expected a token for all {batch} requests, got {len(outs)}"
     core.abort_requests(ids)
+    while core.has_unfinished_requests():  # report the batch still in flight
+        core.step()
     kv = core.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks, "KV blocks leaked"
     return times, kv_tokens
@@ -61,6 +69,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -70,7 +80,8 @@ def main() -> None:
     engine_args = EngineArgs(model=write_shape(args.shape), load_format="dummy", dtype="bfloat16",
                              max_model_len=args.context + args.steps + 128, max_num_seqs=max(batches),
                              max_num_batched_tokens=8192, enable_prefix_caching=False,
-                             attention_backend=args.attention_backend)
+                             attention_backend=args.attention_backend, async_scheduling=args.async_scheduling,
+                             enforce_eager=args.enforce_eager)
     config = engine_args.create_engine_config()
     core = EngineCore(config)
     model = core.executor.worker.model_runner.model
@@ -94,7 +105,9 @@ def main() -> None:
     result = dict(benchmark="decode_step", **run_info(), shape=args.shape, model_config=hf.to_dict(),
                   params=num_params, copy_bandwidth_Bps=bw, matmul_flops=flops,
                   engine=dict(dtype="bfloat16", block_size=config.cache.block_size,
-                              attention_backend=config.device.attention_backend, cuda_graphs=False,
+                              attention_backend=config.device.attention_backend,
+                              cuda_graphs=core.executor.worker.model_runner.cuda_graphs is not None,
+                              async_scheduling=args.async_scheduling,
                               num_kv_blocks=core.num_blocks),
                   results=rows)
     write_result(args.out, result)

@@ -48,12 +48,12 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
 
 
 def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
-              trace_dir: str | None = None) -> dict:
+              trace_dir: str | None = None, async_scheduling: bool = False) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
-              trace_dir=trace_dir)
+              trace_dir=trace_dir, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -74,7 +74,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     torch.cuda.empty_cache()
     return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
-                max_num_seqs=max_num_seqs, trace_summary=busy)
+                async_scheduling=async_scheduling, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:
@@ -100,7 +100,7 @@ def run_hf(model_dir: str, prompts, output_len: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--engines", default="braid,hf")
+    p.add_argument("--engines", default="braid,hf", help="any of braid, braid-async (--async-scheduling), hf")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -121,10 +121,14 @@ def main() -> None:
         runs = []
         for _ in range(args.repeats):
             try:
-                trace = f"{args.trace_dir}/run{len(runs)}" if args.trace_dir else None
-                runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False, trace)
-                            if engine == "braid"
-                            else run_hf(model_dir, prompts, args.output_len))
+                trace = f"{args.trace_dir}/{engine}-run{len(runs)}" if args.trace_dir else None
+                if engine in ("braid", "braid-async"):
+                    runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False, trace,
+                                          async_scheduling=engine == "braid-async"))
+                elif engine == "hf":
+                    runs.append(run_hf(model_dir, prompts, args.output_len))
+                else:
+                    raise ValueError(f"--engines: unknown engine {engine!r}")
             except Exception as e:  # noqa: BLE001 - record the failure, keep the other engine's numbers
                 runs.append(dict(error=f"{type(e).__name__}: {e}"))
             write_result(args.out, {**result, "runs": {**result["runs"], engine: runs}})
@@ -135,10 +139,10 @@ def main() -> None:
     for engine, runs in result["runs"].items():
         for r in runs:
             if "error" in r:
-                print(f"{engine:>6}: ERROR {r['error'][:300]}")
+                print(f"{engine:>11}: ERROR {r['error'][:300]}")
             else:
                 busy = ((r.get("trace_summary") or {}).get("gpu") or {}).get("busy_fraction")
-                print(f"{engine:>6}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
+                print(f"{engine:>11}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
                       f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}"
                       + (f", GPU busy {busy:.1%}" if busy is not None else ""))
 

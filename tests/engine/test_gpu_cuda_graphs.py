@@ -1,5 +1,6 @@
 """GPU: decode batches replayed from CUDA graphs give the same greedy tokens as eager
-runs, across padding buckets, architectures and dtypes."""
+runs, across padding buckets, architectures and dtypes; async scheduling on top of
+graphs gives them too."""
 import gc
 
 import pytest
@@ -12,9 +13,9 @@ from tests.tiny_checkpoints import make_tiny_checkpoint
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _tokens(model, dtype, enforce_eager, prompts):
+def _tokens(model, dtype, enforce_eager, prompts, async_scheduling=False):
     llm = LLM(model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, kv_cache_memory="1GiB",
-              max_num_seqs=32)
+              max_num_seqs=32, async_scheduling=async_scheduling)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert (runner.cuda_graphs is not None) == (not enforce_eager)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -35,4 +36,7 @@ def test_graphs_equal_eager(tmp_path, arch, dtype):
     for n in (1, 3, 21):
         prompts = [torch.randint(3, 380, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
                    for _ in range(n)]
-        assert _tokens(model, dtype, False, prompts) == _tokens(model, dtype, True, prompts)
+        eager = _tokens(model, dtype, True, prompts)
+        assert _tokens(model, dtype, False, prompts) == eager
+        assert _tokens(model, dtype, False, prompts, async_scheduling=True) == eager
+        assert _tokens(model, dtype, True, prompts, async_scheduling=True) == eager

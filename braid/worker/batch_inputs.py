@@ -49,6 +49,9 @@ class BatchInputs:
     input_ids: torch.Tensor  # [T] long, device
     positions: torch.Tensor  # [T] long, device
     attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [N] long: flat index of each sampling request's last token
+    pending_dst: torch.Tensor  # [P] long: input slots to fill from the previous step's samples
+    pending_src: torch.Tensor  # [P] long: ... and the sample rows that fill them
 
 
 def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], block_size: int) -> HostBatch:
@@ -99,23 +102,50 @@ def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], 
     )
 
 
-def upload(host: HostBatch, device: torch.device) -> BatchInputs:
-    """Fresh device tensors for an eager forward."""
-    qsl_cpu = torch.from_numpy(host.query_start_loc)
-    seq_cpu = torch.from_numpy(host.seq_lens)
+def pack_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Copy host arrays to the device with one upload, without a stream sync.
+
+    A copy from pageable memory waits for the device to drain the stream (CUDA stages it);
+    one pinned buffer holding every array goes behind the queued work instead. On the CPU
+    the arrays are simply wrapped.
+    """
+    if device.type != "cuda":
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 8) * 8  # keep every view 8-byte aligned
+    staging = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=True)
+    flat = staging.numpy()
+    for a, off in zip(arrays, offsets):
+        flat[off : off + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    on_device = staging.to(device, non_blocking=True)
+    return [on_device[off : off + a.nbytes].view(_TORCH_DTYPE[a.dtype]).view(a.shape)
+            for a, off in zip(arrays, offsets)]
+
+
+_TORCH_DTYPE = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def upload(host: HostBatch, device: torch.device, logits_indices: np.ndarray,
+           pending_src: np.ndarray | None) -> BatchInputs:
+    """Fresh device tensors for an eager forward, all from one packed upload."""
+    if pending_src is None:
+        pending_src = np.zeros(0, dtype=np.int64)
+    (input_ids, positions, qsl, seq_lens, block_table, slot_mapping, logits_idx, pending_dst,
+     pending_src_dev) = pack_to_device(
+        [host.input_ids, host.positions, host.query_start_loc, host.seq_lens, host.block_table, host.slot_mapping,
+         logits_indices.astype(np.int64), host.pending_token_index, pending_src.astype(np.int64)], device)
     metadata = AttentionMetadata(
         num_actual_tokens=host.num_tokens,
-        query_start_loc=qsl_cpu.to(device, non_blocking=True),
-        seq_lens=seq_cpu.to(device, non_blocking=True),
-        block_table=torch.from_numpy(host.block_table).to(device, non_blocking=True),
-        slot_mapping=torch.from_numpy(host.slot_mapping).to(device, non_blocking=True),
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        block_table=block_table,
+        slot_mapping=slot_mapping,
         max_query_len=host.max_query_len,
         max_seq_len=host.max_seq_len,
-        query_start_loc_cpu=qsl_cpu,
-        seq_lens_cpu=seq_cpu,
+        query_start_loc_cpu=torch.from_numpy(host.query_start_loc),
+        seq_lens_cpu=torch.from_numpy(host.seq_lens),
     )
-    return BatchInputs(
-        input_ids=torch.from_numpy(host.input_ids).to(device, non_blocking=True),
-        positions=torch.from_numpy(host.positions).to(device, non_blocking=True),
-        attn_metadata=metadata,
-    )
+    return BatchInputs(input_ids=input_ids, positions=positions, attn_metadata=metadata,
+                       logits_indices=logits_idx, pending_dst=pending_dst, pending_src=pending_src_dev)

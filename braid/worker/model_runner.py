@@ -13,7 +13,7 @@ from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
 from braid.layers.attention.metadata import build_attention_metadata
 from braid.layers.sampler import Sampler
 from braid.layers.sampling_metadata import SamplingMetadata, SamplingRow
-from braid.worker.batch_inputs import build_host_batch, upload
+from braid.worker.batch_inputs import build_host_batch, pack_to_device, upload
 from braid.worker.cuda_graphs import DecodeCudaGraphs
 from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
@@ -146,27 +146,30 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
         tracer = self.tracer
+        # Only requests whose every known token is computed after this step sample a
+        # token; a partial prefill chunk samples nothing (and draws no random numbers).
+        seq_ends = np.asarray([s.num_computed_tokens + n for s, n in zip(states, num_tokens)])
+        rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
         with tracer.cpu_span("prepare_inputs"):
             host = build_host_batch(states, num_tokens, self.block_size)
             pending_src = self._pending_sources(host, req_ids)
+            logits_indices = host.last_token_indices[rows]
         with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
             if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
                 hidden = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
+                # A decode batch samples every row, in order: no gather needed.
+                every_row = len(rows) == host.num_tokens
+                logits_idx = None if every_row else pack_to_device([logits_indices], self.device)[0]
             else:
-                batch = upload(host, self.device)
+                batch = upload(host, self.device, logits_indices, pending_src)
                 if pending_src is not None:
-                    dst = torch.as_tensor(host.pending_token_index, device=self.device)
-                    src = torch.as_tensor(pending_src, device=self.device)
-                    batch.input_ids.index_copy_(0, dst, self.prev_sampled.index_select(0, src))
+                    batch.input_ids.index_copy_(0, batch.pending_dst, self.prev_sampled.index_select(0, batch.pending_src))
                 with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
                     hidden = self.model(batch.input_ids, batch.positions)
+                logits_idx = batch.logits_indices
 
-        # Only requests whose every known token is now computed sample a token;
-        # a partial prefill chunk samples nothing (and draws no random numbers).
-        seq_ends = host.num_computed_before + np.asarray(num_tokens)
-        rows = [i for i, s in enumerate(states) if seq_ends[i] >= len(s.token_ids)]
         with tracer.cpu_span("sample"), tracer.gpu_span("sample"):
-            sampled, logprobs = self._sample(states, rows, seq_ends, hidden, host)
+            sampled, logprobs = self._sample(states, rows, seq_ends, hidden, logits_idx)
         # The next step's inputs may include these samples before the host sees them.
         self.prev_sampled = sampled
         self.prev_sampled_rows = {req_ids[i]: j for j, i in enumerate(rows)}
@@ -194,12 +197,13 @@ class ModelRunner:
             raise RuntimeError(f"request {e.args[0]} has a pending input token but did not sample in the "
                                f"previous step") from None
 
-    def _sample(self, states, rows_to_sample: list[int], seq_ends: np.ndarray, hidden: torch.Tensor, host):
-        """Sample one token for each listed row, on the device; returns (ids [N], logprobs tensors or None)."""
+    def _sample(self, states, rows_to_sample: list[int], seq_ends: np.ndarray, hidden: torch.Tensor,
+                logits_idx: torch.Tensor | None):
+        """Sample one token for each listed row, on the device; returns (ids [N], logprobs tensors or None).
+        logits_idx: each row's last token in `hidden` (None: hidden holds exactly those rows)."""
         if not rows_to_sample:
             return None, None
-        idx = torch.as_tensor(host.last_token_indices[rows_to_sample], device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
+        logits = self.model.compute_logits(hidden if logits_idx is None else hidden[logits_idx])
         rows = []
         for i in rows_to_sample:
             s = states[i]

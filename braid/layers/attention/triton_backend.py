@@ -16,20 +16,21 @@ from braid.layers.attention.triton_decode_attention import split_kv_decode_atten
 from braid.layers.attention.triton_unified_attention import unified_attention
 
 # Split-KV decode pays a second launch and fp32 scratch traffic; it wins when one
-# program per (request, kv head) leaves most SMs idle: few requests, or long contexts.
-# H100 profile (Llama-3-8B shape, context 512): batch 1 spends ~30 us per layer in
-# 8 serial programs unsplit; batch 64 (512 programs) gains nothing from splitting.
+# program per (request, kv head) leaves most SMs idle. H100 profile (Llama-3-8B shape,
+# context 512): batch 1 spent ~30 us per layer in 8 serial programs unsplit; batch 64
+# (512 programs) gains nothing from splitting. The choice depends on the batch's shape
+# only, never on its lengths: a CUDA graph (captured for any length) and an eager run
+# of the same batch must reduce in the same order to give the same tokens.
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100 (132 SMs)
-MIN_KEYS_PER_SPLIT = 128  # below this a split's fixed cost outweighs its keys
 MAX_SPLITS = 16
 
 
-def choose_num_splits(max_query_len: int, max_seq_len: int, num_reqs: int, num_kv_heads: int) -> int:
+def choose_num_splits(max_query_len: int, num_reqs: int, num_kv_heads: int) -> int:
     """1 = unified kernel; >1 = split-KV decode with that many (power-of-two) splits."""
     programs = num_reqs * num_kv_heads
     if max_query_len != 1 or programs >= TARGET_PROGRAMS:
         return 1
-    splits = min(TARGET_PROGRAMS // programs, triton.cdiv(max_seq_len, MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+    splits = min(TARGET_PROGRAMS // programs, MAX_SPLITS)
     power = 1
     while power * 2 <= splits:
         power *= 2
@@ -66,7 +67,7 @@ class TritonBackend:
             if self.num_kv_splits is not None:
                 splits = self.num_kv_splits
             else:
-                splits = choose_num_splits(1, metadata.max_seq_len, metadata.num_reqs, num_kv_heads)
+                splits = choose_num_splits(1, metadata.num_reqs, num_kv_heads)
         else:
             splits = 1
         if splits > 1:

@@ -125,13 +125,12 @@ def test_split_kv_decode(num_splits, sliding_window):
 
 
 def test_split_count_heuristic():
-    assert choose_num_splits(max_query_len=5, max_seq_len=100_000, num_reqs=1, num_kv_heads=8) == 1  # not decode-only
-    assert choose_num_splits(1, 100, 4, 8) == 1  # too few keys to share
-    assert choose_num_splits(1, 512, 1, 8) == 4  # one request: 8 programs alone would idle the GPU
-    assert choose_num_splits(1, 4096, 4, 8) == 8  # bounded by the programs wanted
-    assert choose_num_splits(1, 1_000_000, 1, 8) == 16  # capped
-    assert choose_num_splits(1, 4096, 16, 8) == 2
-    assert choose_num_splits(1, 4096, 32, 8) == 1  # enough programs without splitting
+    assert choose_num_splits(max_query_len=5, num_reqs=1, num_kv_heads=8) == 1  # not decode-only
+    assert choose_num_splits(1, 1, 8) == 16  # one request: 8 programs alone would idle the GPU (capped)
+    assert choose_num_splits(1, 4, 8) == 8
+    assert choose_num_splits(1, 3, 8) == 8  # as its padded CUDA-graph bucket (4) would
+    assert choose_num_splits(1, 16, 8) == 2
+    assert choose_num_splits(1, 32, 8) == 1  # enough programs without splitting
 
 
 def test_split_kv_chosen_automatically_for_long_decode(monkeypatch):
@@ -141,7 +140,7 @@ def test_split_kv_chosen_automatically_for_long_decode(monkeypatch):
     calls = []
     real = tb.split_kv_decode_attention
     monkeypatch.setattr(tb, "split_kv_decode_attention", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
-    monkeypatch.setattr(tb, "MIN_KEYS_PER_SPLIT", 64)
+    monkeypatch.setattr(tb, "TARGET_PROGRAMS", 8)
     batch = make_paged_batch([1, 1], [200, 90], 2, 1, 16, 16, device=DEVICE, seed=5)
     run_both(batch, TritonBackend(), scale=0.3)
     assert calls == [4]

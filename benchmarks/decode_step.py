@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--async-scheduling", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (median of their medians)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -91,17 +92,26 @@ def main() -> None:
 
     rows = []
     for batch in batches:
-        times, kv_tokens = time_decode_steps(core, batch, args.context, args.steps, hf.vocab_size, seed=batch)
-        median = statistics.median(times[3:])  # the first steps warm up allocator and autotuner
+        run_medians, times, kv_tokens = [], [], []
+        for r in range(args.repeats):
+            run_times, run_kv = time_decode_steps(core, batch, args.context, args.steps, hf.vocab_size,
+                                                  seed=batch * 1000 + r)
+            run_medians.append(statistics.median(run_times[3:]))  # the first steps warm up
+            times += run_times
+            kv_tokens += run_kv[3:]
+        median = statistics.median(run_medians)
         # KV read per step, from the contexts actually present during the timed steps.
-        mean_context = statistics.mean(kv_tokens[3:]) / batch
+        mean_context = statistics.mean(kv_tokens) / batch
         floor_bytes = decode_bytes(num_params, embed_params if not hf.tie_word_embeddings else 0, hf.hidden_size,
                                    batch, mean_context, hf.num_hidden_layers, config.model.num_kv_heads,
                                    config.model.head_dim, 2)
         floor = floor_bytes / bw
+        # For reference: the matmuls' FLOPs at the measured rate (large batches approach it too).
+        compute_floor = 2 * (num_params - embed_params) * batch / flops
         rows.append(dict(batch=batch, context=args.context, mean_context_timed=mean_context, step_ms_median=median * 1e3,
+                         run_medians_ms=[m * 1e3 for m in run_medians],
                          step_ms_all=[t * 1e3 for t in times], floor_ms=floor * 1e3, floor_bytes=floor_bytes,
-                         ratio_to_floor=median / floor))
+                         compute_floor_ms=compute_floor * 1e3, ratio_to_floor=median / floor))
     result = dict(benchmark="decode_step", **run_info(), shape=args.shape, model_config=hf.to_dict(),
                   params=num_params, copy_bandwidth_Bps=bw, matmul_flops=flops,
                   engine=dict(dtype="bfloat16", block_size=config.cache.block_size,
@@ -112,9 +122,10 @@ def main() -> None:
                   results=rows)
     write_result(args.out, result)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s, params {num_params / 1e9:.2f} B")
-    print(f"{'batch':>6} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
+    print(f"{'batch':>6} {'step ms':>9} {'floor ms':>9} {'x floor':>8} {'matmul FLOP floor ms':>21}  runs")
     for r in rows:
-        print(f"{r['batch']:>6} {r['step_ms_median']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio_to_floor']:>8.2f}")
+        print(f"{r['batch']:>6} {r['step_ms_median']:>9.2f} {r['floor_ms']:>9.2f} {r['ratio_to_floor']:>8.2f} "
+              f"{r['compute_floor_ms']:>21.2f}  {' '.join(f'{m:.2f}' for m in r['run_medians_ms'])}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import time
 
 import torch
@@ -86,8 +87,10 @@ def run_hf(model_dir: str, prompts, output_len: int) -> dict:
     gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(inputs=prompts[:8], generation_config=gen)
     torch.cuda.synchronize()
+    # A progress bar (stderr) shows HF's rate even when a time limit cuts the run short.
+    progress = {"progress_bar": True} if "progress_bar" in inspect.signature(model.generate_batch).parameters else {}
     t0 = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, generation_config=gen)
+    results = model.generate_batch(inputs=prompts, generation_config=gen, **progress)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(r.generated_tokens) for r in results.values())

@@ -95,10 +95,16 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0
     # Schedule and launch step t+1 while step t runs on the device (two batches in flight).
     async_scheduling: bool = False
+    # Decode-only batches run this many forward passes per schedule, with no host sync between.
+    num_scheduler_steps: int = 1
+    # Report each of those passes' tokens as they land (else all at the end of the run).
+    multi_step_stream_outputs: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
+        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+            raise ValueError(f"--num-scheduler-steps must be an integer >= 1, got {self.num_scheduler_steps!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:

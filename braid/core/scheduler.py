@@ -13,6 +13,11 @@ token's id is known. That token is a placeholder
 scheduling, the worker feeds it from the GPU, and the host learns its id when
 the step reports back. A request whose pending tokens will certainly finish it
 (max_tokens, max_model_len) is not scheduled again.
+
+Multi-step (--num-scheduler-steps N): when a step holds only decodes and no
+prompt is waiting to join, the batch runs up to N forward passes from this one
+schedule: each request gets N-1 lookahead KV slots, its computed count and its
+placeholders advance by N at once, and each pass reports back on its own.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class Scheduler:
         self._stale_in_flight: dict[str, int] = {}
         # Unfinished requests whose sampling reads their generated tokens (penalties).
         self.num_needing_output_history = 0
+        # Tokens sampled for requests already finished (lookahead of async / multi-step runs).
+        self.num_wasted_tokens = 0
 
     # ---- requests in and out -------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -192,7 +199,11 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
 
+        num_steps = 1
+        if not new_reqs and not preempted_any and cached_reqs:
+            num_steps = self._reserve_multi_step(cached_reqs, num_scheduled)
         output = SchedulerOutput(
+            num_steps=num_steps,
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,
@@ -206,11 +217,38 @@ class Scheduler:
         # every known and pending token is then computed samples one more (a placeholder).
         for req_id, n in num_scheduled.items():
             request = self.requests[req_id]
+            if num_steps > 1:  # every request decodes: one token per pass, one sample each
+                request.num_computed_tokens += num_steps
+                request.num_in_flight_steps += num_steps
+                request.num_output_placeholders += num_steps
+                continue
             request.num_computed_tokens += n
             request.num_in_flight_steps += 1
             if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1
         return output
+
+    def _reserve_multi_step(self, cached_reqs: list[CachedRequestData], num_scheduled: dict[str, int]) -> int:
+        """Passes this decode-only batch may run (1 = a plain step); reserves their lookahead slots."""
+        n = self.config.num_scheduler_steps
+        if n == 1 or self.num_needing_output_history:
+            return 1
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return 1  # a prompt can join now: it runs as a single step first
+        requests = [self.requests[c.req_id] for c in cached_reqs]
+        for request in requests:
+            pending_len = request.num_tokens + request.num_output_placeholders
+            if num_scheduled[request.request_id] != 1 or request.num_computed_tokens + 1 < pending_len:
+                return 1  # a prefill chunk is in the batch
+            n = min(n, self.config.max_model_len - pending_len)  # the last pass's token must fit
+        if n < 2:
+            return 1
+        for cached, request in zip(cached_reqs, requests):
+            extra = self.kv.allocate_slots(request, 1, num_lookahead_tokens=n - 1)
+            if extra is None:  # no room to look ahead: plain steps (blocks taken so far stay, reported)
+                return 1
+            cached.new_block_ids = cached.new_block_ids + extra
+        return n
 
     # ---- results ---------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
@@ -218,6 +256,7 @@ class Scheduler:
         for idx, req_id in enumerate(runner_output.req_ids):
             stale = self._stale_in_flight.get(req_id)
             if stale is not None:  # finished (aborted, stopped) while this step ran
+                self.num_wasted_tokens += len(runner_output.sampled_token_ids[idx])
                 if stale == 1:
                     del self._stale_in_flight[req_id]
                 else:
@@ -275,4 +314,5 @@ class Scheduler:
             prefix_cache_queries=self.kv.stats.queries,
             prefix_cache_hits=self.kv.stats.hits,
             num_preemptions=self.num_preemptions,
+            num_wasted_tokens=self.num_wasted_tokens,
         )

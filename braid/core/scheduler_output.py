@@ -41,6 +41,9 @@ class SchedulerOutput:
     # Requests preempted this step: their KV is gone and they come back later as new
     # requests, but workers keep their sampling state (a seeded generator continues).
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Multi-step: decode-only batches run this many forward passes (one token each per
+    # request), the sampled ids feeding the next pass on the device.
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:

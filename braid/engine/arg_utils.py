@@ -52,6 +52,8 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
     async_scheduling: bool = False
+    num_scheduler_steps: int = 1
+    multi_step_stream_outputs: bool = True
     trace_dir: str | None = None
 
     @staticmethod
@@ -82,6 +84,10 @@ class EngineArgs:
                             help="run every step eagerly (no CUDA graphs for decode batches)")
         parser.add_argument("--async-scheduling", action="store_true",
                             help="schedule and launch the next step while the current one runs on the device")
+        parser.add_argument("--num-scheduler-steps", type=int, default=1,
+                            help="decode-only batches run N forward passes per schedule without a host sync")
+        parser.add_argument("--multi-step-stream-outputs", action=argparse.BooleanOptionalAction, default=True,
+                            help="with --num-scheduler-steps: report each pass's tokens as they land")
         parser.add_argument("--trace-dir", default=None,
                             help="write a Chrome/Perfetto timeline of engine steps here; read it with "
                                  "`braid trace summarize DIR`")
@@ -152,6 +158,8 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
                 async_scheduling=self.async_scheduling,
+                num_scheduler_steps=self.num_scheduler_steps,
+                multi_step_stream_outputs=self.multi_step_stream_outputs,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
             trace_dir=self.trace_dir,

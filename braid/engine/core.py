@@ -1,10 +1,11 @@
 """EngineCore: owns the scheduler and the executor; one step() schedules,
 runs the model and turns the result into per-request outputs.
 
-With async scheduling, step() keeps up to two batches in flight: it schedules
-and launches batch t+1 before it waits for batch t's tokens, so the host's
+Every step() reports one forward pass's tokens, in order. A batch is scheduled
+and launched whole (a multi-step batch is several passes) and reported pass by
+pass. With async scheduling up to two batches are in flight: batch t+1 is
+scheduled and launched before batch t's tokens are awaited, so the host's
 scheduling, input preparation and output processing overlap the device's work.
-Each call still reports at most one batch, in order.
 """
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
-        self.async_scheduling = config.scheduler.async_scheduling
-        # Launched batches not yet reported: (scheduler output, pending runner output).
+        # Async scheduling keeps a second batch in flight while the first one runs.
+        self.max_batches_in_flight = 2 if config.scheduler.async_scheduling else 1
+        self.stream_outputs = config.scheduler.multi_step_stream_outputs
+        # Launched batches not yet fully reported: (scheduler output, pending outputs of its passes).
         self.in_flight: deque = deque()
 
     @property
@@ -75,35 +78,42 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> EngineCoreOutputs:
-        if self.async_scheduling:
-            return self._step_async()
-        tracer = self.tracer
-        with tracer.cpu_span("step"):
-            with tracer.cpu_span("schedule"):
-                scheduler_output = self.scheduler.schedule()
-            runner_output = self.executor.execute_model(scheduler_output)
-            with tracer.cpu_span("process_outputs"):
-                return self.scheduler.update_from_output(scheduler_output, runner_output)
-
-    def _step_async(self) -> EngineCoreOutputs:
+        """Report the next forward pass's tokens (or nothing, when async scheduling has
+        only just launched its first batch)."""
         tracer = self.tracer
         with tracer.cpu_span("step"):
             # Penalties read every generated id on the host: with one of those requests
             # around, report the batch in flight before scheduling the next (a synchronous step).
             must_drain = self.in_flight and self.scheduler.num_needing_output_history
-            if len(self.in_flight) < 2 and self.scheduler.has_unfinished_requests() and not must_drain:
+            if (len(self.in_flight) < self.max_batches_in_flight and self.scheduler.has_unfinished_requests()
+                    and not must_drain):
                 with tracer.cpu_span("schedule"):
                     scheduler_output = self.scheduler.schedule()
-                self.in_flight.append((scheduler_output, self.executor.execute_model_async(scheduler_output)))
-                if len(self.in_flight) < 2:
+                passes = deque(self.executor.execute_model_async(scheduler_output))
+                self.in_flight.append((scheduler_output, passes))
+                if len(self.in_flight) < self.max_batches_in_flight:
                     return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
             if not self.in_flight:
                 return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
-            scheduler_output, pending = self.in_flight.popleft()
-            with tracer.cpu_span("wait_output"):
-                runner_output = pending.result()
-            with tracer.cpu_span("process_outputs"):
-                return self.scheduler.update_from_output(scheduler_output, runner_output)
+            if self.stream_outputs:
+                return self._report_next_pass()
+            # Without streaming, a multi-step batch reports all its passes at once.
+            batch = self.in_flight[0]
+            outputs = []
+            while self.in_flight and self.in_flight[0] is batch:
+                reported = self._report_next_pass()
+                outputs += reported.outputs
+            return EngineCoreOutputs(outputs=outputs, stats=reported.stats)
+
+    def _report_next_pass(self) -> EngineCoreOutputs:
+        scheduler_output, passes = self.in_flight[0]
+        pending = passes.popleft()
+        if not passes:
+            self.in_flight.popleft()
+        with self.tracer.cpu_span("wait_output"):
+            runner_output = pending.result()
+        with self.tracer.cpu_span("process_outputs"):
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

@@ -48,6 +48,8 @@ class SchedulerStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    # Tokens sampled for requests that had already finished (async/multi-step lookahead).
+    num_wasted_tokens: int = 0
 
 
 @dataclass

@@ -20,8 +20,8 @@ class UniprocExecutor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
-        """Launch the step; the result's .result() waits for its sampled tokens."""
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> list[AsyncModelRunnerOutput]:
+        """Launch the step's passes; each pending output's .result() waits for that pass's tokens."""
         return self.worker.execute_model_async(scheduler_output)
 
     def shutdown(self) -> None:

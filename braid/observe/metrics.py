@@ -32,6 +32,8 @@ class EngineMetrics:
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Requests preempted (recomputed later).")
+        self.wasted_tokens = counter(
+            "wasted_tokens", "Tokens computed for requests that had already finished (multi-step / async lookahead).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self._success = Counter("braid:request_success", "Finished requests by finish reason.",
@@ -50,6 +52,7 @@ class EngineMetrics:
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - self._last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - self._last.prefix_cache_hits))
         self.num_preemptions.inc(max(0, stats.num_preemptions - self._last.num_preemptions))
+        self.wasted_tokens.inc(max(0, stats.num_wasted_tokens - self._last.num_wasted_tokens))
         if stats.prefix_cache_queries:
             self.prefix_cache_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
         self._last = stats

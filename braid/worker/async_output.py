@@ -1,9 +1,10 @@
 """A step's sampled tokens on their way to the host.
 
 The model runner launches a step and returns at once; the sampled ids (and
-logprobs) are copied into pinned host memory behind the step on the same
-stream, and one event marks their arrival. `result()` waits for that event
-only, so the host can schedule and launch the next step meanwhile.
+logprobs) are copied into pinned host memory on a side stream once the step has
+sampled, and one event marks their arrival. `result()` waits for that event
+only, so the host can schedule and launch more work meanwhile, and the copies
+never sit between two passes of a multi-step run on the compute stream.
 """
 from __future__ import annotations
 
@@ -24,19 +25,36 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 class AsyncModelRunnerOutput:
     def __init__(self, req_ids: list[str], sampled_rows: list[int], sampled: torch.Tensor | None,
-                 logprobs: LogprobsTensors | None, logprobs_wanted: list[int | None], prompt_logprobs: dict) -> None:
+                 logprobs: LogprobsTensors | None, logprobs_wanted: list[int | None], prompt_logprobs: dict,
+                 copy_stream: torch.cuda.Stream | None = None) -> None:
         self.req_ids = req_ids
         self.sampled_rows = sampled_rows  # batch row of each sampled token, in order
         self.logprobs_wanted = logprobs_wanted  # per sampled token: how many logprobs its request asked for
         self.prompt_logprobs = prompt_logprobs
+        self._ready = None
+        on_gpu = sampled is not None and sampled.device.type == "cuda"
+        if on_gpu and copy_stream is not None:
+            sampled_at = torch.cuda.Event()
+            sampled_at.record()
+            copy_stream.wait_event(sampled_at)
+            device_tensors = [sampled] + ([logprobs.token_ids, logprobs.logprobs, logprobs.ranks] if logprobs else [])
+            for t in device_tensors:
+                t.record_stream(copy_stream)  # not reused before the copy has read it
+            with torch.cuda.stream(copy_stream):
+                self._copy(sampled, logprobs)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+        else:
+            self._copy(sampled, logprobs)
+            if on_gpu:
+                self._ready = torch.cuda.Event()
+                self._ready.record()
+        self._result: ModelRunnerOutput | None = None
+
+    def _copy(self, sampled: torch.Tensor | None, logprobs: LogprobsTensors | None) -> None:
         self._sampled = _to_host(sampled) if sampled is not None else None
         self._logprobs = (LogprobsTensors(_to_host(logprobs.token_ids), _to_host(logprobs.logprobs),
                                           _to_host(logprobs.ranks)) if logprobs is not None else None)
-        self._ready = None
-        if sampled is not None and sampled.device.type == "cuda":
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        self._result: ModelRunnerOutput | None = None
 
     @classmethod
     def empty(cls) -> "AsyncModelRunnerOutput":

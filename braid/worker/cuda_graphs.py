@@ -16,6 +16,7 @@ import torch
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.metadata import AttentionMetadata
 from braid.worker.batch_inputs import HostBatch
+from braid.worker.multi_step import advance_decode_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class DecodeCudaGraphs:
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
+        self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         n = self.max_batch_size
         # All per-step inputs live in one byte buffer, mirrored by one pinned host buffer,
@@ -135,6 +137,18 @@ class DecodeCudaGraphs:
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:b]
+
+
+    def run_next(self, sampled: torch.Tensor, num_reqs: int) -> torch.Tensor:
+        """The next pass of a multi-step run over the batch of the last run(): every request's
+        input becomes its sampled token one position on, advanced on the device; then replay."""
+        size = next(s for s in self.sizes if s >= num_reqs)
+        d = self.dev
+        advance_decode_inputs(d["input_ids"], d["positions"], d["seq_lens"], d["slot_mapping"], d["block_table"],
+                              sampled, num_reqs, self.block_size)
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[:num_reqs]
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

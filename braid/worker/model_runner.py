@@ -1,6 +1,7 @@
 """Runs the model for one scheduled step: inputs -> forward -> logits -> sampler."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -17,6 +18,7 @@ from braid.worker.batch_inputs import build_host_batch, pack_to_device, upload
 from braid.worker.cuda_graphs import DecodeCudaGraphs
 from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
+from braid.worker.multi_step import advance_decode_inputs
 from braid.worker.request_state import CachedRequestState
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ class ModelRunner:
         # The last step's sampled ids on the device, and each sampling request's row in them.
         self.prev_sampled: torch.Tensor | None = None
         self.prev_sampled_rows: dict[str, int] = {}
+        # Sampled ids travel to the host on their own stream (see async_output).
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -134,15 +138,19 @@ class ModelRunner:
 
     # ---- one step ----------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_model_async(so).result()
+        """Run one scheduled step (so.num_steps == 1) and wait for its tokens."""
+        outputs = self.execute_model_async(so)
+        assert len(outputs) == 1, "execute_model runs single steps; use execute_model_async for multi-step"
+        return outputs[0].result()
 
     @torch.inference_mode()
-    def execute_model_async(self, so: SchedulerOutput) -> AsyncModelRunnerOutput:
-        """Launch one step and return without waiting for the GPU (except for prompt logprobs)."""
+    def execute_model_async(self, so: SchedulerOutput) -> list[AsyncModelRunnerOutput]:
+        """Launch the step's so.num_steps forward passes without waiting for the GPU (except
+        for prompt logprobs); one pending output per pass, in order."""
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
-            return AsyncModelRunnerOutput.empty()
+            return [AsyncModelRunnerOutput.empty()]
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
         tracer = self.tracer
@@ -154,6 +162,7 @@ class ModelRunner:
             host = build_host_batch(states, num_tokens, self.block_size)
             pending_src = self._pending_sources(host, req_ids)
             logits_indices = host.last_token_indices[rows]
+        batch = None
         with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
             if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
                 hidden = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
@@ -164,28 +173,54 @@ class ModelRunner:
                 batch = upload(host, self.device, logits_indices, pending_src)
                 if pending_src is not None:
                     batch.input_ids.index_copy_(0, batch.pending_dst, self.prev_sampled.index_select(0, batch.pending_src))
-                with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
-                    hidden = self.model(batch.input_ids, batch.positions)
+                hidden = self._forward_eager(batch)
                 logits_idx = batch.logits_indices
-
-        with tracer.cpu_span("sample"), tracer.gpu_span("sample"):
-            sampled, logprobs = self._sample(states, rows, seq_ends, hidden, logits_idx)
-        # The next step's inputs may include these samples before the host sees them.
-        self.prev_sampled = sampled
-        self.prev_sampled_rows = {req_ids[i]: j for j, i in enumerate(rows)}
-
-        prompt_lps = {}
-        for i, state in enumerate(states):
-            if state.sampling_params.prompt_logprobs is not None:
-                chunk = prompt_logprobs_for_chunk(self.model, hidden, state, int(host.query_start_loc[i]),
-                                                  int(host.num_computed_before[i]), num_tokens[i])
-                if chunk is not None:
-                    prompt_lps[state.req_id] = chunk
-
+        outputs = [self._sample_and_send(states, req_ids, rows, seq_ends, hidden, logits_idx, host, num_tokens)]
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
+
+        # Multi-step: the further passes of a decode batch, fed from the device.
+        seq_lens_cpu = host.seq_lens.copy()
+        for _ in range(1, so.num_steps):
+            seq_ends = seq_ends + 1
+            with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
+                if batch is None:
+                    hidden = self.cuda_graphs.run_next(self.prev_sampled, len(states))
+                else:
+                    seq_lens_cpu = seq_lens_cpu + 1
+                    md = batch.attn_metadata
+                    advance_decode_inputs(batch.input_ids, batch.positions, md.seq_lens, md.slot_mapping,
+                                          md.block_table, self.prev_sampled, len(states), self.block_size)
+                    batch.attn_metadata = dataclasses.replace(md, max_seq_len=md.max_seq_len + 1,
+                                                              seq_lens_cpu=torch.from_numpy(seq_lens_cpu))
+                    hidden = self._forward_eager(batch)
+            outputs.append(self._sample_and_send(states, req_ids, rows, seq_ends, hidden, logits_idx))
+            for state in states:
+                state.num_computed_tokens += 1
+        return outputs
+
+    def _forward_eager(self, batch) -> torch.Tensor:
+        with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
+            return self.model(batch.input_ids, batch.positions)
+
+    def _sample_and_send(self, states, req_ids, rows, seq_ends, hidden, logits_idx, host=None,
+                         num_tokens=None) -> AsyncModelRunnerOutput:
+        """Sample this pass's tokens and start their copy to the host."""
+        with self.tracer.cpu_span("sample"), self.tracer.gpu_span("sample"):
+            sampled, logprobs = self._sample(states, rows, seq_ends, hidden, logits_idx)
+        # The next pass's (or step's) inputs may include these samples before the host sees them.
+        self.prev_sampled = sampled
+        self.prev_sampled_rows = {req_ids[i]: j for j, i in enumerate(rows)}
+        prompt_lps = {}
+        if host is not None:  # prompts only run in a step's first pass
+            for i, state in enumerate(states):
+                if state.sampling_params.prompt_logprobs is not None:
+                    chunk = prompt_logprobs_for_chunk(self.model, hidden, state, int(host.query_start_loc[i]),
+                                                      int(host.num_computed_before[i]), num_tokens[i])
+                    if chunk is not None:
+                        prompt_lps[state.req_id] = chunk
         wanted = [states[i].sampling_params.logprobs for i in rows]
-        return AsyncModelRunnerOutput(req_ids, rows, sampled, logprobs, wanted, prompt_lps)
+        return AsyncModelRunnerOutput(req_ids, rows, sampled, logprobs, wanted, prompt_lps, self.copy_stream)
 
     def _pending_sources(self, host, req_ids: list[str]) -> np.ndarray | None:
         """Row of the previous step's samples that feeds each pending input token."""

@@ -60,5 +60,5 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
 
-    def execute_model_async(self, scheduler_output: SchedulerOutput) -> AsyncModelRunnerOutput:
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> list[AsyncModelRunnerOutput]:
         return self.model_runner.execute_model_async(scheduler_output)

@@ -2,83 +2,32 @@
 gives exactly what synchronous stepping gives: greedy tokens, text, finish reasons and
 logprobs, with stop ids/strings and max_tokens landing mid-run, chunked prefill, prefix
 hits, preemption, aborts, penalties and seeded sampling. The KV pool is full afterwards."""
-import random
-
 import pytest
 
 from braid import LLM, SamplingParams
 from braid.engine.arg_utils import EngineArgs
 from braid.engine.llm_engine import LLMEngine
 from tests.engine.conftest import assert_pool_full
-
-WORDS = ("the cat sat on a mat while seven engineers argued about kernels caches and the price of "
-         "coffee in paris before the storm rolled over the quiet harbour town").split()
-
-
-def _prompts(tokenizer, n, seed=0):
-    rng = random.Random(seed)
-    return [tokenizer.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 60)))) for _ in range(n)]
-
-
-def _run(llm, prompts, params):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason, o.outputs[0].logprobs,
-             o.prompt_logprobs) for o in outs]
-
-
-def _pair(path, **kw):
-    kw.setdefault("max_model_len", 512)
-    kw.setdefault("kv_cache_memory", "128MiB")
-    return LLM(path, **kw), LLM(path, async_scheduling=True, **kw)
-
-
-def _assert_same(got, want, lp_tol=1e-4):
-    for (g_ids, g_text, g_fin, g_lps, g_plps), (w_ids, w_text, w_fin, w_lps, w_plps) in zip(got, want):
-        assert (g_ids, g_text, g_fin) == (w_ids, w_text, w_fin)
-        for g, w in ((g_lps, w_lps), (g_plps, w_plps)):
-            assert (g is None) == (w is None)
-            for g_pos, w_pos in zip(g or [], w or []):
-                if w_pos is None:
-                    assert g_pos is None
-                    continue
-                assert g_pos.keys() == w_pos.keys()
-                for t in w_pos:
-                    assert abs(g_pos[t].logprob - w_pos[t].logprob) < lp_tol
-
+from tests.engine.equivalence import assert_same_outputs, make_prompts, mixed_params
+from tests.engine.equivalence import run_outputs as _run
 
 @pytest.fixture(scope="module")
 def pair(smollm2_path):
-    return _pair(smollm2_path)
+    kw = dict(max_model_len=512, kv_cache_memory="128MiB")
+    return LLM(smollm2_path, **kw), LLM(smollm2_path, async_scheduling=True, **kw)
 
 
 @pytest.fixture(scope="module")
 def prompts(pair):
-    return _prompts(pair[0].get_tokenizer(), 32)
+    return make_prompts(pair[0].get_tokenizer(), 32)
 
 
 def test_mixed_batch_with_stops_landing_mid_run(pair, prompts):
     sync, asy = pair
-    rng = random.Random(1)
-    # Learn what each request will generate, then place stop ids and stop strings inside that.
-    probe = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    free_run = _run(sync, prompts, probe)
-    params = []
-    for i, (ids, text, *_rest) in enumerate(free_run):
-        kind = i % 5
-        if kind == 0:
-            params.append(SamplingParams(temperature=0, max_tokens=rng.randint(1, 24), ignore_eos=True))
-        elif kind == 1:
-            params.append(SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ids[rng.randint(1, 15)]]))
-        elif kind == 2:
-            params.append(SamplingParams(temperature=0, max_tokens=24, stop=[text[len(text) // 2:][:3] or "x"]))
-        elif kind == 3:
-            params.append(SamplingParams(temperature=0, max_tokens=24, logprobs=3, min_tokens=5,
-                                         stop_token_ids=[ids[2]]))
-        else:
-            params.append(SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=2))
+    params = mixed_params(sync, prompts)
     want = _run(sync, prompts, params)
     got = _run(asy, prompts, params)
-    _assert_same(got, want)
+    assert_same_outputs(got, want)
     finish = [w[2] for w in want]
     assert finish.count("stop") >= 8 and finish.count("length") >= 8  # the stops did land mid-run
     assert_pool_full(asy)

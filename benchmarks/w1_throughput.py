@@ -48,13 +48,29 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
                 wave=wave, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
 
 
+def braid_variant(engine: str) -> dict | None:
+    """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', ... -> engine options (None: not braid)."""
+    parts = engine.split("-")
+    if parts[0] != "braid":
+        return None
+    options = dict(async_scheduling=False, num_scheduler_steps=1)
+    for part in parts[1:]:
+        if part == "async":
+            options["async_scheduling"] = True
+        elif part.startswith("ms") and part[2:].isdigit():
+            options["num_scheduler_steps"] = int(part[2:])
+        else:
+            raise ValueError(f"--engines: unknown braid variant {engine!r}")
+    return options
+
+
 def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
-              trace_dir: str | None = None, async_scheduling: bool = False) -> dict:
+              trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
-              trace_dir=trace_dir, async_scheduling=async_scheduling)
+              trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -64,6 +80,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     preemptions = llm.llm_engine.last_stats.num_preemptions
+    llm_stats_wasted = llm.llm_engine.last_stats.num_wasted_tokens
     busy = None
     if trace_dir:
         from braid.observe.trace_summary import summarize
@@ -75,7 +92,8 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     torch.cuda.empty_cache()
     return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
-                async_scheduling=async_scheduling, max_num_seqs=max_num_seqs, trace_summary=busy)
+                async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
+                wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:
@@ -103,7 +121,9 @@ def run_hf(model_dir: str, prompts, output_len: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--engines", default="braid,hf", help="any of braid, braid-async (--async-scheduling), hf")
+    p.add_argument("--engines", default="braid,hf",
+                   help="comma-separated: hf, braid, or braid variants such as braid-async, braid-ms8, braid-async-ms8")
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -112,12 +132,12 @@ def main() -> None:
     p.add_argument("--trace-dir", default=None, help="trace braid's runs here (GPU busy fraction)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    shape = SHAPES["llama3-8b"]
+    shape = SHAPES[args.shape]
     bw, flops = measure_copy_bandwidth(), measure_matmul_rate()
     floor = w1_floor(shape, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs, bw, flops)
-    model_dir = write_shape("llama3-8b")
+    model_dir = write_shape(args.shape)
     prompts = make_prompts(args.num_prompts, args.input_len, shape["vocab_size"])
-    result = dict(benchmark="w1_throughput", **run_info(), shape="llama3-8b", model_config=shape,
+    result = dict(benchmark="w1_throughput", **run_info(), shape=args.shape, model_config=shape,
                   workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len),
                   copy_bandwidth_Bps=bw, matmul_flops=flops, floor=floor, runs={})
     for engine in args.engines.split(","):
@@ -125,9 +145,10 @@ def main() -> None:
         for _ in range(args.repeats):
             try:
                 trace = f"{args.trace_dir}/{engine}-run{len(runs)}" if args.trace_dir else None
-                if engine in ("braid", "braid-async"):
+                variant = braid_variant(engine)
+                if variant is not None:
                     runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False, trace,
-                                          async_scheduling=engine == "braid-async"))
+                                          **variant))
                 elif engine == "hf":
                     runs.append(run_hf(model_dir, prompts, args.output_len))
                 else:
@@ -142,10 +163,10 @@ def main() -> None:
     for engine, runs in result["runs"].items():
         for r in runs:
             if "error" in r:
-                print(f"{engine:>11}: ERROR {r['error'][:300]}")
+                print(f"{engine:>16}: ERROR {r['error'][:300]}")
             else:
                 busy = ((r.get("trace_summary") or {}).get("gpu") or {}).get("busy_fraction")
-                print(f"{engine:>11}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
+                print(f"{engine:>16}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
                       f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}"
                       + (f", GPU busy {busy:.1%}" if busy is not None else ""))
 

@@ -1,6 +1,7 @@
 """GPU: decode batches replayed from CUDA graphs give the same greedy tokens as eager
 runs, across padding buckets, architectures and dtypes; async scheduling on top of
-graphs gives them too."""
+graphs gives them too, and so does multi-step (inputs advanced on the device, graph
+replayed per pass), alone and with async scheduling."""
 import gc
 
 import pytest
@@ -13,9 +14,9 @@ from tests.tiny_checkpoints import make_tiny_checkpoint
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _tokens(model, dtype, enforce_eager, prompts, async_scheduling=False):
+def _tokens(model, dtype, enforce_eager, prompts, async_scheduling=False, num_scheduler_steps=1):
     llm = LLM(model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, kv_cache_memory="1GiB",
-              max_num_seqs=32, async_scheduling=async_scheduling)
+              max_num_seqs=32, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps)
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
     assert (runner.cuda_graphs is not None) == (not enforce_eager)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -40,3 +41,6 @@ def test_graphs_equal_eager(tmp_path, arch, dtype):
         assert _tokens(model, dtype, False, prompts) == eager
         assert _tokens(model, dtype, False, prompts, async_scheduling=True) == eager
         assert _tokens(model, dtype, True, prompts, async_scheduling=True) == eager
+        assert _tokens(model, dtype, False, prompts, num_scheduler_steps=8) == eager
+        assert _tokens(model, dtype, False, prompts, async_scheduling=True, num_scheduler_steps=8) == eager
+        assert _tokens(model, dtype, True, prompts, num_scheduler_steps=8) == eager

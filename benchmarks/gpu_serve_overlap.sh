@@ -7,5 +7,5 @@ timeout 150 python -m pytest tests/engine/test_gpu_cuda_graphs.py tests/worker -
 for cfg in "baseline:" "async:--async-scheduling" "ms8:--num-scheduler-steps 8"; do
   tag=${cfg%%:*}; flags=${cfg#*:}
   CONCURRENCY=64 TAG="llama3_8b_c64_$tag" timeout 200 bash benchmarks/serve_sweep.sh llama3-8b "$out" \
-    --max-num-seqs 256 $flags 2>&1 | grep -E "^ *64|TPOT|ITL|concurrency|died|Error" | tail -4
+    --max-num-seqs 256 $flags 2>&1 | grep -E "Request throughput|Output token|Median TTFT|Median TPOT|Median ITL|P99 ITL|Failed|died|rror" | tail -9
 done

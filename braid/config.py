@@ -122,10 +122,35 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # "uni" (one device, in process) or "mp" (one worker process per rank).
+    distributed_executor_backend: str = "uni"
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError("--pipeline-parallel-size > 1 is not supported yet")
+        if self.distributed_executor_backend not in ("uni", "mp"):
+            raise ValueError(f"--distributed-executor-backend must be uni or mp (ray is not supported yet), "
+                             f"got {self.distributed_executor_backend!r}")
+        if self.world_size > 1 and self.distributed_executor_backend == "uni":
+            raise ValueError("--distributed-executor-backend uni runs one device; use mp for "
+                             f"--tensor-parallel-size {self.tensor_parallel_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Write a Chrome/Perfetto step timeline here (None: tracing off, at no cost).
     trace_dir: str | None = None

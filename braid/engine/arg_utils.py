@@ -13,6 +13,7 @@ from braid.config import (
     DeviceConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     resolve_dtype,
 )
@@ -54,6 +55,9 @@ class EngineArgs:
     async_scheduling: bool = False
     num_scheduler_steps: int = 1
     multi_step_stream_outputs: bool = True
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     trace_dir: str | None = None
 
     @staticmethod
@@ -88,6 +92,11 @@ class EngineArgs:
                             help="decode-only batches run N forward passes per schedule without a host sync")
         parser.add_argument("--multi-step-stream-outputs", action=argparse.BooleanOptionalAction, default=True,
                             help="with --num-scheduler-steps: report each pass's tokens as they land")
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp"],
+                            help="uni: one device in process; mp: one worker process per rank "
+                                 "(default: mp when more than one rank)")
         parser.add_argument("--trace-dir", default=None,
                             help="write a Chrome/Perfetto timeline of engine steps here; read it with "
                                  "`braid trace summarize DIR`")
@@ -96,6 +105,11 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def _parallel_config(self) -> ParallelConfig:
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        backend = self.distributed_executor_backend or ("mp" if world > 1 else "uni")
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend)
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -122,6 +136,12 @@ class EngineArgs:
             raise ValueError(f"--max-model-len must be >= 2, got {max_model_len}")
         if max_model_len > max_pos:
             raise ValueError(f"--max-model-len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})")
+
+        tp = self.tensor_parallel_size
+        for name in ("num_attention_heads", "intermediate_size"):
+            value = getattr(hf_config, name, None)
+            if tp > 1 and value is not None and value % tp:
+                raise ValueError(f"--tensor-parallel-size {tp} must divide the model's {name} ({value})")
 
         backend = self.attention_backend
         if backend == "auto":
@@ -162,5 +182,6 @@ class EngineArgs:
                 multi_step_stream_outputs=self.multi_step_stream_outputs,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
+            parallel=self._parallel_config(),
             trace_dir=self.trace_dir,
         )

@@ -45,7 +45,12 @@ class EngineCore:
         _freeze_import_heap()
         self.config = config
         self.tracer = make_tracer(config.trace_dir, "engine-core")
-        self.executor = UniprocExecutor(config, self.tracer)
+        if config.parallel.distributed_executor_backend == "mp":
+            from braid.executor.multiproc import MultiprocExecutor
+
+            self.executor = MultiprocExecutor(config, self.tracer)
+        else:
+            self.executor = UniprocExecutor(config, self.tracer)
         num_blocks = self.executor.determine_num_blocks()
         max_len = config.scheduler.max_model_len
         if num_blocks * config.cache.block_size < max_len:

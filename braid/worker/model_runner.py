@@ -55,14 +55,23 @@ class ModelRunner:
                 and self.attn_backend.name == "triton")
 
     # ---- KV cache ----------------------------------------------------------------
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank caches: its share under tensor parallelism (one replica when
+        there are more ranks than KV heads, as QKVParallelLinear shards them)."""
+        from braid.distributed.parallel_state import get_tp_size
+
+        total, tp = self.config.model.num_kv_heads, get_tp_size()
+        return 1 if tp >= total else total // tp
+
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
-        per_layer = 2 * self.block_size * m.num_kv_heads * m.head_dim
+        per_layer = 2 * self.block_size * self.num_kv_heads * m.head_dim
         return per_layer * m.num_layers * torch.tensor([], dtype=m.dtype).element_size()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
-        shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        shape = kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, m.head_dim)
         whole = torch.zeros((m.num_layers, *shape), dtype=m.dtype, device=self.device)
         self.kv_caches = list(whole.unbind(0))
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
@@ -83,7 +92,7 @@ class ModelRunner:
         per_req[0] += num_tokens - sum(per_req)
         blocks_per_req = [-(-n // self.block_size) for n in per_req]
         m = self.config.model
-        cache = torch.zeros(kv_cache_shape(sum(blocks_per_req), self.block_size, m.num_kv_heads, m.head_dim),
+        cache = torch.zeros(kv_cache_shape(sum(blocks_per_req), self.block_size, self.num_kv_heads, m.head_dim),
                             dtype=m.dtype, device=self.device)
         tables, next_block = [], 0
         for nb in blocks_per_req:

@@ -1,0 +1,229 @@
+"""The multiprocess executor: one worker process per rank (--distributed-executor-backend mp).
+
+The engine core broadcasts every call to all ranks, each over its own pipe, as
+msgspec frames (never pickled). Every rank runs every model step (the collectives
+need them all); only rank 0 replies with the step's tokens, one reply per pass.
+Setup calls (KV sizing, cache allocation) are answered by every rank. While it
+waits, the executor also watches every worker's process sentinel: a worker that
+dies or raises ends the engine with an error naming the rank at once, never a hang.
+
+Workers start with `spawn` and rendezvous through a file in a private temporary
+directory; gloo on CPU, NCCL on GPU (rank r uses cuda:r).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import shutil
+import tempfile
+import traceback
+
+from braid.config import EngineConfig
+from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+# Environment every worker starts with (multi-GPU hosts here must not use NVLink multicast).
+_WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+_POLL_S = 0.5
+
+
+def _codec():
+    import msgspec
+
+    enc = msgspec.msgpack.Encoder()
+    decoders = {
+        "execute_model": msgspec.msgpack.Decoder(SchedulerOutput),
+        "determine_num_blocks": msgspec.msgpack.Decoder(None),
+        "initialize_kv_cache": msgspec.msgpack.Decoder(int),
+        "shutdown": msgspec.msgpack.Decoder(None),
+    }
+    return enc, decoders, msgspec
+
+
+def _frame(method: str, body: bytes) -> bytes:
+    return method.encode() + b"\0" + body
+
+
+def _split(frame: bytes) -> tuple[str, bytes]:
+    head, _, body = frame.partition(b"\0")
+    return head.decode(), body
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or raised: the engine cannot go on."""
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, tracer=None) -> None:
+        self.config = config
+        self.world_size = config.parallel.world_size
+        self._enc, _, self._msgspec = _codec()
+        self._reply_decoder = self._msgspec.msgpack.Decoder(ModelRunnerOutput)
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="braid-dist-")
+        os.chmod(self._rendezvous_dir, 0o700)
+        init_method = "file://" + os.path.join(self._rendezvous_dir, "rendezvous")
+        ctx = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        for rank in range(self.world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(rank, config, init_method, child), daemon=True,
+                               name=f"braid-worker-{rank}")
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        for rank in range(self.world_size):
+            self._recv(rank)  # "ready": the model is loaded on every rank
+        self._closed = False
+
+    # ---- plumbing ---------------------------------------------------------------
+    def _broadcast(self, method: str, body=None) -> None:
+        frame = _frame(method, self._enc.encode(body))
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(frame)
+            except (BrokenPipeError, OSError):
+                self._raise_dead(rank)
+
+    def _recv(self, rank: int) -> bytes:
+        """Rank's next reply; raises WorkerError if any worker dies or fails meanwhile."""
+        conn = self.conns[rank]
+        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        while True:
+            ready = mp.connection.wait([conn, *sentinels], timeout=_POLL_S)
+            if conn in ready:
+                try:
+                    kind, body = _split(conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._raise_dead(rank)
+                if kind == "error":
+                    raise WorkerError(f"worker rank {rank} failed: {body.decode(errors='replace')}")
+                return body
+            for s in ready:
+                if s in sentinels:
+                    self._raise_dead(sentinels[s])
+
+    def _raise_dead(self, rank: int):
+        proc = self.procs[rank]
+        proc.join(timeout=1.0)
+        raise WorkerError(f"worker rank {rank} (pid {proc.pid}) died (exit code {proc.exitcode}); "
+                          f"the engine cannot continue")
+
+    # ---- the executor interface ---------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        self._broadcast("determine_num_blocks")
+        # Every rank holds the same number of blocks: the smallest any rank can afford.
+        return min(self._msgspec.msgpack.decode(self._recv(r), type=int) for r in range(self.world_size))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._broadcast("initialize_kv_cache", num_blocks)
+        for rank in range(self.world_size):
+            self._recv(rank)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> list["PendingReply"]:
+        self._broadcast("execute_model", scheduler_output)
+        return [PendingReply(self) for _ in range(scheduler_output.num_steps)]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        (reply,) = self.execute_model_async(scheduler_output)
+        return reply.result()
+
+    def next_output(self) -> ModelRunnerOutput:
+        return self._reply_decoder.decode(self._recv(0))
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        for conn in self.conns:
+            try:
+                conn.send_bytes(_frame("shutdown", self._enc.encode(None)))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2.0)
+        for conn in self.conns:
+            conn.close()
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+class PendingReply:
+    """One pass's tokens from rank 0. Replies arrive in launch order; the engine core
+    reads them in that order, so each result() takes the next one off the pipe."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self._executor = executor
+        self._result: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is None:
+            self._result = self._executor.next_output()
+        return self._result
+
+
+def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> None:
+    for key, value in _WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    enc, decoders, _ = _codec()
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from braid.distributed import parallel_state
+        from braid.worker.worker import Worker
+
+        parallel = config.parallel
+        device = config.device.device
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+            config = dataclasses.replace(config, device=dataclasses.replace(config.device, device=device))
+        else:  # share the host's cores between the ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel.world_size))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                                world_size=parallel.world_size)
+        parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        worker = Worker(config)
+        conn.send_bytes(_frame("ok", b""))
+        while True:
+            method, body = _split(conn.recv_bytes())
+            payload = decoders[method].decode(body)
+            if method == "shutdown":
+                break
+            if method == "execute_model":
+                outputs = [pending.result() for pending in worker.execute_model_async(payload)]
+                if rank == 0:
+                    for out in outputs:
+                        conn.send_bytes(_frame("ok", enc.encode(out)))
+            elif method == "determine_num_blocks":
+                conn.send_bytes(_frame("ok", enc.encode(worker.determine_num_blocks())))
+            elif method == "initialize_kv_cache":
+                worker.initialize_kv_cache(payload)
+                conn.send_bytes(_frame("ok", b""))
+    except Exception:  # noqa: BLE001 - report to the engine core, then exit
+        try:
+            conn.send_bytes(_frame("error", traceback.format_exc().encode()))
+        except OSError:
+            pass
+        raise SystemExit(1)
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass

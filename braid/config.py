@@ -99,6 +99,10 @@ class SchedulerConfig:
     num_scheduler_steps: int = 1
     # Report each of those passes' tokens as they land (else all at the end of the run).
     multi_step_stream_outputs: bool = True
+    # Pipeline parallelism: a request whose step is still in the pipeline is not scheduled
+    # again (its next input is only known when its token comes back), and the running
+    # requests are spread over this many micro-batches.
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -131,14 +135,20 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
-        if self.pipeline_parallel_size != 1:
-            raise ValueError("--pipeline-parallel-size > 1 is not supported yet")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
         if self.distributed_executor_backend not in ("uni", "mp"):
             raise ValueError(f"--distributed-executor-backend must be uni or mp (ray is not supported yet), "
                              f"got {self.distributed_executor_backend!r}")
         if self.world_size > 1 and self.distributed_executor_backend == "uni":
             raise ValueError("--distributed-executor-backend uni runs one device; use mp for "
-                             f"--tensor-parallel-size {self.tensor_parallel_size}")
+                             f"--tensor-parallel-size {self.tensor_parallel_size} x "
+                             f"--pipeline-parallel-size {self.pipeline_parallel_size}")
+
+    @property
+    def output_rank(self) -> int:
+        """The rank that reports sampled tokens: the last pipeline stage's first TP rank."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
     @property
     def world_size(self) -> int:

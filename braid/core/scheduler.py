@@ -98,6 +98,8 @@ class Scheduler:
 
     # ---- scheduling ------------------------------------------------------------
     def _token_share(self, request: Request, budget: int) -> int:
+        if self.config.pipeline_parallel_size > 1 and request.num_in_flight_steps:
+            return 0  # its step is still in the pipeline
         if request.num_output_placeholders and self._finishes_with_pending(request):
             return 0
         n = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
@@ -131,8 +133,12 @@ class Scheduler:
         preempted_any = False
 
         # Running requests first, oldest first; preempt from the newest when blocks run out.
+        # Under pipeline parallelism each micro-batch takes its share of them, so the
+        # stages stay busy with different requests.
+        pp = self.config.pipeline_parallel_size
+        max_running_here = -(-len(self.running) // pp) if pp > 1 else len(self.running)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(cached_reqs) < max_running_here:
             request = self.running[i]
             num_new = self._token_share(request, budget)
             if num_new <= 0:

@@ -57,3 +57,25 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     parts = [torch.empty_like(x) for _ in range(tp_size)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=dim)
+
+
+def pp_send(tensors: list[torch.Tensor]) -> None:
+    """Send tensors to the next pipeline stage (this rank's counterpart in the PP group)."""
+    from braid.distributed.parallel_state import get_pp_group, get_pp_rank, get_pp_ranks
+
+    dst = get_pp_ranks()[get_pp_rank() + 1]
+    for t in tensors:
+        dist.send(t.contiguous(), dst=dst, group=get_pp_group())
+
+
+def pp_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Receive tensors of the given shapes from the previous pipeline stage."""
+    from braid.distributed.parallel_state import get_pp_group, get_pp_rank, get_pp_ranks
+
+    src = get_pp_ranks()[get_pp_rank() - 1]
+    out = []
+    for shape in shapes:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=src, group=get_pp_group())
+        out.append(t)
+    return out

@@ -69,6 +69,24 @@ def get_pp_group():
     return _pp_group
 
 
+def pp_layer_range(num_layers: int, pp_rank: int | None = None, pp_size: int | None = None) -> tuple[int, int]:
+    """Layers [start, end) of a pipeline stage: an even split, the first stages taking one
+    extra layer each when it does not divide (the last stage also runs the LM head)."""
+    pp_rank = get_pp_rank() if pp_rank is None else pp_rank
+    pp_size = get_pp_size() if pp_size is None else pp_size
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+def is_first_pp_stage() -> bool:
+    return _layout.pp_rank == 0
+
+
+def is_last_pp_stage() -> bool:
+    return _layout.pp_rank == _layout.pp_size - 1
+
+
 def get_tp_ranks() -> tuple[int, ...]:
     """Global ranks of this rank's TP group, in TP-rank order."""
     return _tp_ranks

@@ -137,7 +137,12 @@ class EngineArgs:
         if max_model_len > max_pos:
             raise ValueError(f"--max-model-len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})")
 
-        tp = self.tensor_parallel_size
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if pp > hf_config.num_hidden_layers:
+            raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's {hf_config.num_hidden_layers} layers")
+        if pp > 1 and self.num_scheduler_steps > 1:
+            raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
+                             "the next pass's input would have to travel from the last stage to the first")
         for name in ("num_attention_heads", "intermediate_size"):
             value = getattr(hf_config, name, None)
             if tp > 1 and value is not None and value % tp:
@@ -180,6 +185,7 @@ class EngineArgs:
                 async_scheduling=self.async_scheduling,
                 num_scheduler_steps=self.num_scheduler_steps,
                 multi_step_stream_outputs=self.multi_step_stream_outputs,
+                pipeline_parallel_size=pp,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
             parallel=self._parallel_config(),

@@ -51,6 +51,13 @@ class EngineCore:
             self.executor = MultiprocExecutor(config, self.tracer)
         else:
             self.executor = UniprocExecutor(config, self.tracer)
+        try:
+            self._init_cache_and_scheduler(config)
+        except BaseException:
+            self.executor.shutdown()  # no worker outlives a failed start
+            raise
+
+    def _init_cache_and_scheduler(self, config: EngineConfig) -> None:
         num_blocks = self.executor.determine_num_blocks()
         max_len = config.scheduler.max_model_len
         if num_blocks * config.cache.block_size < max_len:
@@ -62,8 +69,8 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
-        # Async scheduling keeps a second batch in flight while the first one runs.
-        self.max_batches_in_flight = 2 if config.scheduler.async_scheduling else 1
+        # Each pipeline stage holds a batch; async scheduling keeps one more in flight.
+        self.max_batches_in_flight = config.parallel.pipeline_parallel_size + int(config.scheduler.async_scheduling)
         self.stream_outputs = config.scheduler.multi_step_stream_outputs
         # Launched batches not yet fully reported: (scheduler output, pending outputs of its passes).
         self.in_flight: deque = deque()

@@ -2,7 +2,8 @@
 
 The engine core broadcasts every call to all ranks, each over its own pipe, as
 msgspec frames (never pickled). Every rank runs every model step (the collectives
-need them all); only rank 0 replies with the step's tokens, one reply per pass.
+need them all); only the output rank (the last pipeline stage's first TP rank)
+replies with the step's tokens, one reply per pass.
 Setup calls (KV sizing, cache allocation) are answered by every rank. While it
 waits, the executor also watches every worker's process sentinel: a worker that
 dies or raises ends the engine with an error naming the rank at once, never a hang.
@@ -17,8 +18,10 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import traceback
 
 from braid.config import EngineConfig
@@ -61,6 +64,7 @@ class MultiprocExecutor:
     def __init__(self, config: EngineConfig, tracer=None) -> None:
         self.config = config
         self.world_size = config.parallel.world_size
+        self.output_rank = config.parallel.output_rank
         self._enc, _, self._msgspec = _codec()
         self._reply_decoder = self._msgspec.msgpack.Decoder(ModelRunnerOutput)
         self._rendezvous_dir = tempfile.mkdtemp(prefix="braid-dist-")
@@ -133,7 +137,7 @@ class MultiprocExecutor:
         return reply.result()
 
     def next_output(self) -> ModelRunnerOutput:
-        return self._reply_decoder.decode(self._recv(0))
+        return self._reply_decoder.decode(self._recv(self.output_rank))
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
@@ -161,7 +165,7 @@ class MultiprocExecutor:
 
 
 class PendingReply:
-    """One pass's tokens from rank 0. Replies arrive in launch order; the engine core
+    """One pass's tokens from the output rank. Replies arrive in launch order; the engine core
     reads them in that order, so each result() takes the next one off the pipe."""
 
     def __init__(self, executor: MultiprocExecutor) -> None:
@@ -172,6 +176,20 @@ class PendingReply:
         if self._result is None:
             self._result = self._executor.next_output()
         return self._result
+
+
+def _reply_loop(passes: "queue.Queue", conn, enc, replies: bool) -> None:
+    """Wait for each launched pass's tokens in order; the output rank sends them back."""
+    try:
+        while True:
+            out = passes.get().result()
+            if replies:
+                conn.send_bytes(_frame("ok", enc.encode(out)))
+    except Exception:  # noqa: BLE001 - the engine core sees the error, then the process ends
+        try:
+            conn.send_bytes(_frame("error", traceback.format_exc().encode()))
+        finally:
+            os._exit(1)
 
 
 def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> None:
@@ -198,16 +216,20 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
         parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
         worker = Worker(config)
         conn.send_bytes(_frame("ok", b""))
+        # Launches happen here; a second thread waits for each pass's tokens and replies, so
+        # the next batch (async scheduling, the next micro-batch) launches meanwhile.
+        passes: queue.Queue = queue.Queue()
+        replier = threading.Thread(target=_reply_loop, args=(passes, conn, enc, rank == parallel.output_rank),
+                                   daemon=True, name="braid-worker-replies")
+        replier.start()
         while True:
             method, body = _split(conn.recv_bytes())
             payload = decoders[method].decode(body)
             if method == "shutdown":
                 break
             if method == "execute_model":
-                outputs = [pending.result() for pending in worker.execute_model_async(payload)]
-                if rank == 0:
-                    for out in outputs:
-                        conn.send_bytes(_frame("ok", enc.encode(out)))
+                for pending in worker.execute_model_async(payload):
+                    passes.put(pending)
             elif method == "determine_num_blocks":
                 conn.send_bytes(_frame("ok", enc.encode(worker.determine_num_blocks())))
             elif method == "initialize_kv_cache":

@@ -15,22 +15,28 @@ Model API (the model runner relies on it):
 
 Decoder layers live in `model.model.layers` (an nn.ModuleList); each knows its
 global `layer_idx`, which indexes the KV cache list of the forward context.
-`model.model.start_layer/end_layer` bound the layers this instance runs
-(all of them for now; pipeline stages will narrow them).
+`model.model.start_layer/end_layer` bound the layers this instance runs: all of
+them on one device, a pipeline stage's share otherwise (the others are empty
+placeholders that hold no weights, and their checkpoint tensors are skipped).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from braid.distributed.parallel_state import pp_layer_range
 from braid.layers.activation import SiluAndMul
 from braid.layers.attention.layer import Attention
 from braid.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from braid.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from braid.layers.norm import RMSNorm
 from braid.layers.rotary import RotaryEmbedding, get_rope_from_config
+
+# HF checkpoint names of decoder-layer tensors: "model.layers.<i>.<...>".
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
@@ -132,6 +138,13 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+class PPMissingLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage runs (keeps global indices)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this layer belongs to another pipeline stage")
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, layer_switches: list[dict]) -> None:
         super().__init__()
@@ -140,12 +153,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One cos/sin cache shared by all layers.
         self.rotary_emb = get_rope_from_config(config, head_dim_of(config))
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, layer_switches[i]) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, layer_switches[i])
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.start_layer = 0
-        self.end_layer = config.num_hidden_layers
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -244,9 +258,13 @@ class LlamaForCausalLM(nn.Module):
                     expected_shards.setdefault(pname, set()).add(shard)
         got_shards: dict[str, set] = {p: set() for p in expected_shards}
         loaded: set[str] = set()
+        start, end = self.model.start_layer, self.model.end_layer
         for name, tensor in weights:
             if name.endswith(self.ignored_weight_suffixes):
                 continue
+            layer = _LAYER_INDEX.match(name)
+            if layer is not None and not start <= int(layer.group(1)) < end:
+                continue  # another pipeline stage's layer
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue  # shares the embedding
             for target, hf_part, shard in self.stacked_params_mapping:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from braid.config import EngineConfig
+from braid.distributed.comm import pp_recv, pp_send
+from braid.distributed.parallel_state import get_pp_size, is_first_pp_stage, is_last_pp_stage
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
@@ -50,9 +52,14 @@ class ModelRunner:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values)."""
+        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values);
+        pipeline stages run eagerly for now (a graph would have to span the send/recv)."""
         return (self.device.type == "cuda" and not self.config.device.enforce_eager
-                and self.attn_backend.name == "triton")
+                and self.attn_backend.name == "triton" and get_pp_size() == 1)
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return self.model.model.start_layer, self.model.model.end_layer
 
     # ---- KV cache ----------------------------------------------------------------
     @property
@@ -67,13 +74,16 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
         per_layer = 2 * self.block_size * self.num_kv_heads * m.head_dim
-        return per_layer * m.num_layers * torch.tensor([], dtype=m.dtype).element_size()
+        start, end = self.layer_range  # a pipeline stage caches its own layers only
+        return per_layer * (end - start) * torch.tensor([], dtype=m.dtype).element_size()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.config.model
         shape = kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, m.head_dim)
-        whole = torch.zeros((m.num_layers, *shape), dtype=m.dtype, device=self.device)
-        self.kv_caches = list(whole.unbind(0))
+        start, end = self.layer_range
+        whole = torch.zeros((end - start, *shape), dtype=m.dtype, device=self.device)
+        # Indexed by global layer id; other stages' layers have no cache here.
+        self.kv_caches = [None] * start + list(whole.unbind(0)) + [None] * (m.num_layers - end)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     whole.numel() * whole.element_size() / 2**30)
         if self.use_cuda_graphs:
@@ -208,13 +218,33 @@ class ModelRunner:
                 state.num_computed_tokens += 1
         return outputs
 
-    def _forward_eager(self, batch) -> torch.Tensor:
+    def _forward_eager(self, batch) -> torch.Tensor | None:
         with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
-            return self.model(batch.input_ids, batch.positions)
+            if get_pp_size() == 1:
+                return self.model(batch.input_ids, batch.positions)
+            return self._forward_stage(batch.input_ids, batch.positions)
+
+    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """This pipeline stage's layers: hidden states and residual come from the previous stage
+        and go to the next; the last stage returns the final hidden states (others None)."""
+        inner = self.model.model
+        if is_first_pp_stage():
+            hidden, residual = inner.embed_input_ids(input_ids), None
+        else:
+            shape = (input_ids.shape[0], self.config.model.hf_config.hidden_size)
+            hidden, residual = pp_recv([shape, shape], self.config.model.dtype, self.device)
+        hidden, residual = inner.forward_layers(positions, hidden, residual)
+        if not is_last_pp_stage():
+            pp_send([hidden, residual])
+            return None
+        hidden, _ = inner.norm(hidden, residual)
+        return hidden
 
     def _sample_and_send(self, states, req_ids, rows, seq_ends, hidden, logits_idx, host=None,
                          num_tokens=None) -> AsyncModelRunnerOutput:
         """Sample this pass's tokens and start their copy to the host."""
+        if hidden is None:  # not the last pipeline stage: nothing to sample or report
+            return AsyncModelRunnerOutput(req_ids, [], None, None, [], {})
         with self.tracer.cpu_span("sample"), self.tracer.gpu_span("sample"):
             sampled, logprobs = self._sample(states, rows, seq_ends, hidden, logits_idx)
         # The next pass's (or step's) inputs may include these samples before the host sees them.

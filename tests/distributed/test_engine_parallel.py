@@ -1,0 +1,159 @@
+"""The whole engine over worker processes (--distributed-executor-backend mp, gloo on CPU):
+tensor parallelism, pipeline parallelism with micro-batches in flight, and both. Greedy
+tokens equal the single-device run on tiny random checkpoints and on SmolLM2, also under
+async scheduling (and multi-step for TP), chunked prefill, prefix caching and preemption;
+a killed worker ends the engine with a clear error within 10 s; the KV pool is full after
+each scenario."""
+import os
+import signal
+import time
+
+import pytest
+
+from braid import LLM, SamplingParams
+from braid.engine.arg_utils import EngineArgs
+from braid.engine.llm_engine import LLMEngine
+from braid.executor.multiproc import WorkerError
+from braid.transformers_utils import default_model_path
+from tests.engine.conftest import assert_pool_full
+from tests.tiny_checkpoints import make_tiny_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+PROMPTS = [[1, 17, 250, 33, 99, 5, 300, 42, 7], [1, 45, 9, 310, 27], [3, 4, 5], list(range(3, 40))]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def _tokens(llm, prompts, params=GREEDY):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {"num_key_value_heads": 1})],
+                         ids=["llama", "qwen3-1kv"])
+def test_tp2_equals_single_device(tmp_path, arch, overrides):
+    model = make_tiny_checkpoint(arch, tmp_path / arch, **overrides)
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
+    for extra in ({}, {"async_scheduling": True, "num_scheduler_steps": 4}):
+        llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, **extra)
+        try:
+            assert _tokens(llm, PROMPTS) == want, extra
+            assert_pool_full(llm)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    return default_model_path()
+
+
+def test_smollm2_tp3_equals_single_device(smollm2_path):
+    # SmolLM2-135M has 9 query and 3 KV heads: 3 ranks divide them (2 do not, see below).
+    tok = LLM(smollm2_path, max_model_len=256, kv_cache_memory="64MiB")
+    prompts = [tok.get_tokenizer().encode(t) for t in ("The capital of France is", "def fibonacci(n):",
+                                                        "Once upon a time, in a quiet village,")]
+    want = _tokens(tok, prompts)
+    llm = LLM(smollm2_path, max_model_len=256, kv_cache_memory="64MiB", tensor_parallel_size=3)
+    try:
+        assert _tokens(llm, prompts) == want
+        assert_pool_full(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused(smollm2_path):
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2 must divide the model's num_attention_heads"):
+        EngineArgs(model=smollm2_path, tensor_parallel_size=2).create_engine_config()
+
+
+def test_killed_worker_ends_the_engine_within_10s(tmp_path):
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    engine = LLMEngine.from_engine_args(EngineArgs(model=model, kv_cache_memory="64MiB", tensor_parallel_size=2))
+    executor = engine.engine_core.executor
+    try:
+        engine.add_request("a", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=10_000, ignore_eos=True,
+                                                                                 temperature=0))
+        engine.step()
+        os.kill(executor.procs[1].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="worker rank 1 .* died"):
+            while time.monotonic() - start < 30:
+                engine.step()
+        assert time.monotonic() - start < 10
+    finally:
+        executor.shutdown()
+    assert not any(p.is_alive() for p in executor.procs)
+
+
+def _record_pipelining(llm):
+    """(batches already in flight, tokens scheduled) at every schedule call."""
+    core = llm.llm_engine.engine_core
+    seen = []
+    schedule = core.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        seen.append((len(core.in_flight), out.total_num_scheduled_tokens))
+        return out
+
+    core.scheduler.schedule = recording
+    return seen
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {"num_key_value_heads": 1})],
+                         ids=["llama", "qwen3-1kv"])
+def test_pp2_equals_single_device(tmp_path, arch, overrides):
+    model = make_tiny_checkpoint(arch, tmp_path / arch, **overrides)
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
+    for extra in ({}, {"async_scheduling": True}):
+        llm = LLM(model, kv_cache_memory="64MiB", pipeline_parallel_size=2, **extra)
+        seen = _record_pipelining(llm)
+        try:
+            assert _tokens(llm, PROMPTS) == want, extra
+            assert_pool_full(llm)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        # A second micro-batch went in while the first was still in the pipeline.
+        assert any(in_flight >= 1 and tokens > 0 for in_flight, tokens in seen), extra
+
+
+def test_tp2_x_pp2_equals_single_device(tmp_path):
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
+    llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, pipeline_parallel_size=2,
+              async_scheduling=True)
+    try:
+        assert _tokens(llm, PROMPTS) == want
+        assert_pool_full(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_smollm2_pp2_with_chunks_prefix_hits_and_preemption(smollm2_path):
+    single = LLM(smollm2_path, max_model_len=256, kv_cache_memory="64MiB")
+    tokenizer = single.get_tokenizer()
+    shared = "You are a helpful assistant. Answer briefly and precisely. "
+    prompts = [tokenizer.encode(shared + q) for q in ("The capital of France is", "def fibonacci(n):",
+                                                      "Once upon a time,", "Water boils at", "The largest planet is",
+                                                      "import numpy as np")]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = _tokens(single, prompts, params)
+    # 13 blocks of 16 tokens cannot hold six growing ~35-token requests; a 24-token budget chunks prompts.
+    llm = LLM(smollm2_path, max_model_len=128, num_gpu_blocks_override=13, max_num_batched_tokens=24,
+              pipeline_parallel_size=2, async_scheduling=True)
+    try:
+        assert _tokens(llm, prompts, params) == want
+        assert llm.llm_engine.last_stats.num_preemptions > 0
+        assert _tokens(llm, prompts[:2], params) == want[:2]  # again, now with prefix hits
+        assert llm.llm_engine.last_stats.prefix_cache_hits > 0
+        assert_pool_full(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_unsupported_pipeline_combinations_are_refused(smollm2_path):
+    with pytest.raises(ValueError, match="--num-scheduler-steps > 1 with --pipeline-parallel-size > 1"):
+        EngineArgs(model=smollm2_path, pipeline_parallel_size=2, num_scheduler_steps=4).create_engine_config()
+    with pytest.raises(ValueError, match="--pipeline-parallel-size 31 exceeds"):
+        EngineArgs(model=smollm2_path, pipeline_parallel_size=31).create_engine_config()

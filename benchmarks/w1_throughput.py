@@ -49,28 +49,35 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
 
 
 def braid_variant(engine: str) -> dict | None:
-    """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', ... -> engine options (None: not braid)."""
+    """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', 'braid-tp2-async', 'braid-pp2', ...
+    -> engine options (None: not braid)."""
     parts = engine.split("-")
     if parts[0] != "braid":
         return None
-    options = dict(async_scheduling=False, num_scheduler_steps=1)
+    options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
         elif part.startswith("ms") and part[2:].isdigit():
             options["num_scheduler_steps"] = int(part[2:])
+        elif part.startswith("tp") and part[2:].isdigit():
+            options["tensor_parallel_size"] = int(part[2:])
+        elif part.startswith("pp") and part[2:].isdigit():
+            options["pipeline_parallel_size"] = int(part[2:])
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
 
 
 def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
-              trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1) -> dict:
+              trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1,
+              tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
-              trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps)
+              trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
+              tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -81,11 +88,11 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     preemptions = llm.llm_engine.last_stats.num_preemptions
     llm_stats_wasted = llm.llm_engine.last_stats.num_wasted_tokens
+    llm.llm_engine.engine_core.shutdown()  # flush the timeline, stop worker processes
     busy = None
     if trace_dir:
         from braid.observe.trace_summary import summarize
 
-        llm.llm_engine.engine_core.shutdown()  # flush the timeline
         busy = summarize(trace_dir)
     del llm
     gc.collect()
@@ -93,6 +100,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
     return dict(elapsed_s=elapsed, output_tokens=out_tokens, requests_per_s=len(prompts) / elapsed,
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
+                tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                 wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 

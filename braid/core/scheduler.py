@@ -107,6 +107,12 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return min(n, budget)
 
+    def defer(self, output: SchedulerOutput) -> None:
+        """An empty schedule that will not be run: keep its news for the workers for the next one."""
+        assert output.is_empty, "only an empty schedule can be deferred"
+        self._finished_ids |= output.finished_req_ids
+        self._preempted_ids |= output.preempted_req_ids
+
     def _finishes_with_pending(self, request: Request) -> bool:
         """The tokens already in flight will end this request by length: schedule it no further."""
         params = request.sampling_params
@@ -184,7 +190,6 @@ class Scheduler:
             if new_block_ids is None:
                 break
             self.waiting.popleft()
-            self._preempted_ids.discard(request.request_id)
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached

@@ -101,10 +101,15 @@ class EngineCore:
                     and not must_drain):
                 with tracer.cpu_span("schedule"):
                     scheduler_output = self.scheduler.schedule()
-                passes = deque(self.executor.execute_model_async(scheduler_output))
-                self.in_flight.append((scheduler_output, passes))
-                if len(self.in_flight) < self.max_batches_in_flight:
-                    return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
+                if scheduler_output.is_empty and self.in_flight:
+                    # Nothing new can run (every request is in flight): occupy no slot; the
+                    # finished/preempted ids it carries go to the workers with the next batch.
+                    self.scheduler.defer(scheduler_output)
+                else:
+                    passes = deque(self.executor.execute_model_async(scheduler_output))
+                    self.in_flight.append((scheduler_output, passes))
+                    if len(self.in_flight) < self.max_batches_in_flight:
+                        return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
             if not self.in_flight:
                 return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
             if self.stream_outputs:

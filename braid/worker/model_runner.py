@@ -127,11 +127,15 @@ class ModelRunner:
 
     # ---- request state -----------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
+        # Preempted before finished: a request may be both when the news of an unlaunched
+        # (empty) schedule comes with the next one (EngineCore defers it).
+        for req_id in so.preempted_req_ids:
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.preempted[req_id] = state
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             self.preempted.pop(req_id, None)
-        for req_id in so.preempted_req_ids:
-            self.preempted[req_id] = self.requests.pop(req_id)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             resumed = self.preempted.pop(new.req_id, None)

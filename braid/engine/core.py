@@ -132,6 +132,12 @@ class EngineCore:
         with self.tracer.cpu_span("process_outputs"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
 
+    def kill_workers(self) -> None:
+        """Kill worker processes at once (no-op in process): for a core that is going down hard."""
+        kill = getattr(self.executor, "kill_workers", None)
+        if kill is not None:
+            kill()
+
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
 

@@ -37,7 +37,10 @@ class EngineCoreClient:
 
         mp = multiprocessing.get_context("spawn")
         ready_recv, ready_send = mp.Pipe(duplex=False)
-        self.process = mp.Process(target=run_engine_core, name="braid-engine-core", daemon=True,
+        # Not daemonic: a daemonic process may not start children, and the core starts one
+        # worker process per rank for multi-GPU runs. It still never outlives us: shutdown()
+        # stops it, and it exits by itself when it sees its parent gone.
+        self.process = mp.Process(target=run_engine_core, name="braid-engine-core", daemon=False,
                                   args=(engine_args, self.input_addr, self.output_addr, ready_send, os.getpid()))
         self.process.start()
         ready_send.close()

@@ -115,8 +115,16 @@ class EngineCoreProc:
 def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, parent_pid: int) -> None:
     """Entry point of the engine-core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when to stop
-    # Nothing to flush on SIGTERM: requests die with the process, the frontend reports it.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # Nothing to flush on SIGTERM: requests die with the process, the frontend reports it;
+    # worker processes (multi-GPU) are killed first so none is left in a collective.
+    core = None
+
+    def on_sigterm(*_):
+        if core is not None:
+            core.kill_workers()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     logging.basicConfig(level=os.environ.get("BRAID_LOG_LEVEL", "WARNING"),
                         format="%(levelname)s braid-core: %(message)s")
     proc = None
@@ -144,6 +152,7 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
             proc._send(ser.ERROR, f"{type(e).__name__}: {e}")
         except zmq.ZMQError:
             pass
+        core.kill_workers()  # e.g. the survivors of a dead worker, stuck in a collective
         os._exit(1)
     finally:
         proc.close()

@@ -139,6 +139,11 @@ class MultiprocExecutor:
     def next_output(self) -> ModelRunnerOutput:
         return self._reply_decoder.decode(self._recv(self.output_rank))
 
+    def kill_workers(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
             return

@@ -206,6 +206,7 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
         import torch.distributed as dist
 
         from braid.distributed import parallel_state
+        from braid.observe.trace import make_tracer
         from braid.worker.worker import Worker
 
         parallel = config.parallel
@@ -219,7 +220,9 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                                 world_size=parallel.world_size)
         parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
-        worker = Worker(config)
+        # Each rank writes its own timeline (per-stage GPU busy under pipeline parallelism).
+        tracer = make_tracer(config.trace_dir, f"worker-{rank}")
+        worker = Worker(config, tracer)
         conn.send_bytes(_frame("ok", b""))
         # Launches happen here; a second thread waits for each pass's tokens and replies, so
         # the next batch (async scheduling, the next micro-batch) launches meanwhile.
@@ -231,6 +234,7 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
             method, body = _split(conn.recv_bytes())
             payload = decoders[method].decode(body)
             if method == "shutdown":
+                tracer.close()
                 break
             if method == "execute_model":
                 for pending in worker.execute_model_async(payload):

@@ -157,3 +157,20 @@ def test_unsupported_pipeline_combinations_are_refused(smollm2_path):
         EngineArgs(model=smollm2_path, pipeline_parallel_size=2, num_scheduler_steps=4).create_engine_config()
     with pytest.raises(ValueError, match="--pipeline-parallel-size 31 exceeds"):
         EngineArgs(model=smollm2_path, pipeline_parallel_size=31).create_engine_config()
+
+
+def test_every_rank_writes_its_timeline(tmp_path):
+    import json
+
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    trace_dir = tmp_path / "trace"
+    llm = LLM(model, kv_cache_memory="64MiB", pipeline_parallel_size=2, trace_dir=str(trace_dir))
+    try:
+        _tokens(llm, PROMPTS)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for rank in (0, 1):
+        files = [f for f in os.listdir(trace_dir) if f.startswith(f"braid-trace-worker-{rank}")]
+        assert len(files) == 1, os.listdir(trace_dir)
+        names = {e.get("name") for e in json.load(open(trace_dir / files[0]))["traceEvents"]}
+        assert {"prepare_inputs", "launch"} <= names, names

@@ -103,8 +103,14 @@ class SchedulerConfig:
     # again (its next input is only known when its token comes back), and the running
     # requests are spread over this many micro-batches.
     pipeline_parallel_size: int = 1
+    # Batches launched and not yet reported (None: one per pipeline stage, one more with
+    # async scheduling). 1 with pipeline parallelism runs one batch through the stages at
+    # a time: the baseline that micro-batching is measured against.
+    max_concurrent_batches: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_concurrent_batches is not None and self.max_concurrent_batches < 1:
+            raise ValueError(f"--max-concurrent-batches must be >= 1, got {self.max_concurrent_batches}")
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs must be >= 1, got {self.max_num_seqs}")
         if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
@@ -116,6 +122,15 @@ class SchedulerConfig:
                 f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-model-len "
                 f"({self.max_model_len}) when chunked prefill is off (--no-enable-chunked-prefill)"
             )
+
+    @property
+    def batches_in_flight(self) -> int:
+        return self.max_concurrent_batches or self.pipeline_parallel_size + int(self.async_scheduling)
+
+    @property
+    def num_micro_batches(self) -> int:
+        """How many ways the running requests are split (one share per batch in the pipeline)."""
+        return max(1, min(self.pipeline_parallel_size, self.batches_in_flight))
 
 
 @dataclass(frozen=True)
@@ -129,19 +144,25 @@ class DeviceConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    # "uni" (one device, in process) or "mp" (one worker process per rank).
+    # "uni" (one device, in process), "mp" (one worker process per rank) or "ray" (one Ray actor per rank).
     distributed_executor_backend: str = "uni"
+    # Layers per pipeline stage (None: an even split).
+    pp_layer_partition: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
-        if self.distributed_executor_backend not in ("uni", "mp"):
-            raise ValueError(f"--distributed-executor-backend must be uni or mp (ray is not supported yet), "
+        if self.distributed_executor_backend not in ("uni", "mp", "ray"):
+            raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, "
                              f"got {self.distributed_executor_backend!r}")
+        partition = self.pp_layer_partition
+        if partition is not None and (len(partition) != self.pipeline_parallel_size or min(partition) < 1):
+            raise ValueError(f"--pp-layer-partition {','.join(map(str, partition))} must give one layer count "
+                             f"(>= 1) per stage of --pipeline-parallel-size {self.pipeline_parallel_size}")
         if self.world_size > 1 and self.distributed_executor_backend == "uni":
-            raise ValueError("--distributed-executor-backend uni runs one device; use mp for "
+            raise ValueError("--distributed-executor-backend uni runs one device; use mp or ray for "
                              f"--tensor-parallel-size {self.tensor_parallel_size} x "
                              f"--pipeline-parallel-size {self.pipeline_parallel_size}")
 

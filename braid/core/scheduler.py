@@ -141,8 +141,8 @@ class Scheduler:
         # Running requests first, oldest first; preempt from the newest when blocks run out.
         # Under pipeline parallelism each micro-batch takes its share of them, so the
         # stages stay busy with different requests.
-        pp = self.config.pipeline_parallel_size
-        max_running_here = -(-len(self.running) // pp) if pp > 1 else len(self.running)
+        shares = self.config.num_micro_batches
+        max_running_here = -(-len(self.running) // shares)
         i = 0
         while i < len(self.running) and budget > 0 and len(cached_reqs) < max_running_here:
             request = self.running[i]

@@ -30,6 +30,8 @@ class ParallelLayout:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    # Layers per pipeline stage, first to last (None: an even split).
+    pp_layer_partition: tuple[int, ...] | None = None
 
 
 _layout = ParallelLayout()
@@ -70,10 +72,18 @@ def get_pp_group():
 
 
 def pp_layer_range(num_layers: int, pp_rank: int | None = None, pp_size: int | None = None) -> tuple[int, int]:
-    """Layers [start, end) of a pipeline stage: an even split, the first stages taking one
-    extra layer each when it does not divide (the last stage also runs the LM head)."""
+    """Layers [start, end) of a pipeline stage: the layout's --pp-layer-partition when set,
+    else an even split, the first stages taking one extra layer each when it does not
+    divide (the last stage also runs the LM head)."""
+    partition = _layout.pp_layer_partition if pp_rank is None and pp_size is None else None
     pp_rank = get_pp_rank() if pp_rank is None else pp_rank
     pp_size = get_pp_size() if pp_size is None else pp_size
+    if partition is not None:
+        if len(partition) != pp_size or sum(partition) != num_layers:
+            raise ValueError(f"--pp-layer-partition {','.join(map(str, partition))} must give {pp_size} stages "
+                             f"summing to the model's {num_layers} layers")
+        start = sum(partition[:pp_rank])
+        return start, start + partition[pp_rank]
     base, extra = divmod(num_layers, pp_size)
     start = pp_rank * base + min(pp_rank, extra)
     return start, start + base + (1 if pp_rank < extra else 0)
@@ -101,7 +111,8 @@ def model_parallel_is_initialized() -> bool:
     return _tp_group is not None
 
 
-def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = None) -> ParallelLayout:
+def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = None,
+                        pp_layer_partition: tuple[int, ...] | None = None) -> ParallelLayout:
     """Create the TP and PP groups over the initialised default process group
     and set this rank's layout. world_size must equal tp_size * pp_size; rank =
     pp_rank * tp_size + tp_rank. `backend` (e.g. "gloo", "nccl") is passed to
@@ -142,7 +153,8 @@ def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = No
 
     _tp_group, _pp_group = tp_group, pp_group
     _tp_ranks, _pp_ranks = tp_ranks, pp_ranks
-    _layout = ParallelLayout(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size)
+    _layout = ParallelLayout(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
+                             pp_layer_partition=pp_layer_partition)
     return _layout
 
 

@@ -57,6 +57,8 @@ class EngineArgs:
     multi_step_stream_outputs: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    max_concurrent_batches: int | None = None
+    pp_layer_partition: str | None = None
     distributed_executor_backend: str | None = None
     trace_dir: str | None = None
 
@@ -94,8 +96,14 @@ class EngineArgs:
                             help="with --num-scheduler-steps: report each pass's tokens as they land")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-        parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp"],
-                            help="uni: one device in process; mp: one worker process per rank "
+        parser.add_argument("--pp-layer-partition", default=None,
+                            help="layers per pipeline stage, comma separated, e.g. 15,17 (default: even)")
+        parser.add_argument("--max-concurrent-batches", type=int, default=None,
+                            help="batches launched and not yet reported (default: --pipeline-parallel-size, "
+                                 "+1 with --async-scheduling)")
+        parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                            help="uni: one device in process; mp: one worker process per rank; ray: one Ray "
+                                 "actor per rank, on the Ray cluster at RAY_ADDRESS or a local one "
                                  "(default: mp when more than one rank)")
         parser.add_argument("--trace-dir", default=None,
                             help="write a Chrome/Perfetto timeline of engine steps here; read it with "
@@ -109,7 +117,14 @@ class EngineArgs:
     def _parallel_config(self) -> ParallelConfig:
         world = self.tensor_parallel_size * self.pipeline_parallel_size
         backend = self.distributed_executor_backend or ("mp" if world > 1 else "uni")
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend)
+        partition = None
+        if self.pp_layer_partition:
+            try:
+                partition = tuple(int(x) for x in str(self.pp_layer_partition).split(","))
+            except ValueError:
+                raise ValueError(f"--pp-layer-partition must be comma-separated layer counts, e.g. 15,17; "
+                                 f"got {self.pp_layer_partition!r}") from None
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend, partition)
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -140,6 +155,10 @@ class EngineArgs:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if pp > hf_config.num_hidden_layers:
             raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's {hf_config.num_hidden_layers} layers")
+        parallel = self._parallel_config()
+        if parallel.pp_layer_partition and sum(parallel.pp_layer_partition) != hf_config.num_hidden_layers:
+            raise ValueError(f"--pp-layer-partition {self.pp_layer_partition} must sum to the model's "
+                             f"{hf_config.num_hidden_layers} layers")
         if pp > 1 and self.num_scheduler_steps > 1:
             raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
                              "the next pass's input would have to travel from the last stage to the first")
@@ -186,8 +205,9 @@ class EngineArgs:
                 num_scheduler_steps=self.num_scheduler_steps,
                 multi_step_stream_outputs=self.multi_step_stream_outputs,
                 pipeline_parallel_size=pp,
+                max_concurrent_batches=self.max_concurrent_batches,
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
-            parallel=self._parallel_config(),
+            parallel=parallel,
             trace_dir=self.trace_dir,
         )

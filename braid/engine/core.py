@@ -45,10 +45,15 @@ class EngineCore:
         _freeze_import_heap()
         self.config = config
         self.tracer = make_tracer(config.trace_dir, "engine-core")
-        if config.parallel.distributed_executor_backend == "mp":
+        backend = config.parallel.distributed_executor_backend
+        if backend == "mp":
             from braid.executor.multiproc import MultiprocExecutor
 
             self.executor = MultiprocExecutor(config, self.tracer)
+        elif backend == "ray":
+            from braid.executor.ray_executor import RayExecutor
+
+            self.executor = RayExecutor(config, self.tracer)
         else:
             self.executor = UniprocExecutor(config, self.tracer)
         try:
@@ -70,7 +75,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         # Each pipeline stage holds a batch; async scheduling keeps one more in flight.
-        self.max_batches_in_flight = config.parallel.pipeline_parallel_size + int(config.scheduler.async_scheduling)
+        self.max_batches_in_flight = config.scheduler.batches_in_flight
         self.stream_outputs = config.scheduler.multi_step_stream_outputs
         # Launched batches not yet fully reported: (scheduler output, pending outputs of its passes).
         self.in_flight: deque = deque()

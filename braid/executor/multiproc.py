@@ -13,7 +13,6 @@ directory; gloo on CPU, NCCL on GPU (rank r uses cuda:r).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -26,11 +25,12 @@ import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.executor.worker_setup import WorkerError, destroy_process_group, report_passes, start_worker
+
+__all__ = ["MultiprocExecutor", "WorkerError"]
 
 logger = logging.getLogger(__name__)
 
-# Environment every worker starts with (multi-GPU hosts here must not use NVLink multicast).
-_WORKER_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _POLL_S = 0.5
 
 
@@ -54,10 +54,6 @@ def _frame(method: str, body: bytes) -> bytes:
 def _split(frame: bytes) -> tuple[str, bytes]:
     head, _, body = frame.partition(b"\0")
     return head.decode(), body
-
-
-class WorkerError(RuntimeError):
-    """A worker process died or raised: the engine cannot go on."""
 
 
 class MultiprocExecutor:
@@ -183,53 +179,25 @@ class PendingReply:
         return self._result
 
 
-def _reply_loop(passes: "queue.Queue", conn, enc, replies: bool) -> None:
-    """Wait for each launched pass's tokens in order; the output rank sends them back."""
-    try:
-        while True:
-            out = passes.get().result()
-            if replies:
-                conn.send_bytes(_frame("ok", enc.encode(out)))
-    except Exception:  # noqa: BLE001 - the engine core sees the error, then the process ends
+def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> None:
+    enc, decoders, _ = _codec()
+
+    def deliver(out) -> None:
+        conn.send_bytes(_frame("ok", enc.encode(out)))
+
+    def on_error(tb: str) -> None:
         try:
-            conn.send_bytes(_frame("error", traceback.format_exc().encode()))
+            conn.send_bytes(_frame("error", tb.encode()))
         finally:
             os._exit(1)
 
-
-def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> None:
-    for key, value in _WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    enc, decoders, _ = _codec()
     try:
-        import torch
-        import torch.distributed as dist
-
-        from braid.distributed import parallel_state
-        from braid.observe.trace import make_tracer
-        from braid.worker.worker import Worker
-
-        parallel = config.parallel
-        device = config.device.device
-        if device.type == "cuda":
-            device = torch.device("cuda", rank)
-            torch.cuda.set_device(device)
-            config = dataclasses.replace(config, device=dataclasses.replace(config.device, device=device))
-        else:  # share the host's cores between the ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel.world_size))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                                world_size=parallel.world_size)
-        parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
-        # Each rank writes its own timeline (per-stage GPU busy under pipeline parallelism).
-        tracer = make_tracer(config.trace_dir, f"worker-{rank}")
-        worker = Worker(config, tracer)
+        worker, tracer = start_worker(rank, config, init_method, cuda_index=rank)
         conn.send_bytes(_frame("ok", b""))
-        # Launches happen here; a second thread waits for each pass's tokens and replies, so
-        # the next batch (async scheduling, the next micro-batch) launches meanwhile.
+        # Launches happen here; a second thread waits for each pass's tokens and replies.
         passes: queue.Queue = queue.Queue()
-        replier = threading.Thread(target=_reply_loop, args=(passes, conn, enc, rank == parallel.output_rank),
-                                   daemon=True, name="braid-worker-replies")
-        replier.start()
+        threading.Thread(target=report_passes, daemon=True, name="braid-worker-replies",
+                         args=(passes, deliver if rank == config.parallel.output_rank else None, on_error)).start()
         while True:
             method, body = _split(conn.recv_bytes())
             payload = decoders[method].decode(body)
@@ -251,10 +219,4 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
             pass
         raise SystemExit(1)
     finally:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        destroy_process_group()

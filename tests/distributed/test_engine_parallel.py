@@ -152,7 +152,32 @@ def test_smollm2_pp2_with_chunks_prefix_hits_and_preemption(smollm2_path):
         llm.llm_engine.engine_core.shutdown()
 
 
+def test_pp2_uneven_partition_and_one_batch_in_flight(tmp_path):
+    # 4 layers split 1 + 3; --max-concurrent-batches 1 runs one batch through both stages at
+    # a time (the baseline micro-batching is measured against): same tokens either way.
+    model = make_tiny_checkpoint("llama", tmp_path / "llama", num_hidden_layers=4)
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
+    llm = LLM(model, kv_cache_memory="64MiB", pipeline_parallel_size=2, pp_layer_partition="1,3",
+              max_concurrent_batches=1)
+    seen = _record_pipelining(llm)
+    try:
+        assert llm.llm_engine.engine_core.max_batches_in_flight == 1
+        assert _tokens(llm, PROMPTS) == want
+        assert_pool_full(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert all(in_flight == 0 for in_flight, _ in seen)  # never a second batch in the pipeline
+
+
 def test_unsupported_pipeline_combinations_are_refused(smollm2_path):
+    with pytest.raises(ValueError, match="--pp-layer-partition 10,10 must sum to the model's 30 layers"):
+        EngineArgs(model=smollm2_path, pipeline_parallel_size=2, pp_layer_partition="10,10").create_engine_config()
+    with pytest.raises(ValueError, match="--pp-layer-partition 30 must give one layer count"):
+        EngineArgs(model=smollm2_path, pipeline_parallel_size=2, pp_layer_partition="30").create_engine_config()
+    with pytest.raises(ValueError, match="--pp-layer-partition must be comma-separated"):
+        EngineArgs(model=smollm2_path, pipeline_parallel_size=2, pp_layer_partition="a,b").create_engine_config()
+    with pytest.raises(ValueError, match="--max-concurrent-batches must be >= 1"):
+        EngineArgs(model=smollm2_path, max_concurrent_batches=0).create_engine_config()
     with pytest.raises(ValueError, match="--num-scheduler-steps > 1 with --pipeline-parallel-size > 1"):
         EngineArgs(model=smollm2_path, pipeline_parallel_size=2, num_scheduler_steps=4).create_engine_config()
     with pytest.raises(ValueError, match="--pipeline-parallel-size 31 exceeds"):

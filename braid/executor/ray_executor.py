@@ -1,0 +1,259 @@
+"""The Ray executor (--distributed-executor-backend ray): one Ray actor per rank, placed
+in one placement group, so the ranks can live on several machines of a Ray cluster.
+
+Every step is sent to every actor (each launches its passes in order); only the output
+rank's actor is asked for tokens, one call per pass. Messages are msgspec frames, as with
+the multiprocess executor. Each actor also runs a long "watch" call that returns only
+if the worker fails; the engine core waits on it beside every reply, so a dead or
+failing actor ends the engine with an error naming its rank, never a hang.
+
+Ray is joined where it runs (RAY_ADDRESS, or a cluster this process already joined);
+otherwise a local one is started for the engine and stopped with it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import traceback
+
+from braid.config import EngineConfig
+from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.executor.worker_setup import WORKER_ENV, WorkerError, destroy_process_group, report_passes, start_worker
+
+logger = logging.getLogger(__name__)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError("--distributed-executor-backend ray needs Ray: pip install 'braid[ray]'") from e
+    return ray
+
+
+class _RayWorker:
+    """Lives in a Ray actor. Three concurrency groups of one thread each, so a pass's reply
+    can be awaited while the next batch launches, and the watch call never blocks either."""
+
+    def __init__(self) -> None:
+        import msgspec
+
+        self._msgspec = msgspec
+        self._enc = msgspec.msgpack.Encoder()
+        self._so_decoder = msgspec.msgpack.Decoder(SchedulerOutput)
+        self._passes: queue.Queue = queue.Queue()
+        self._outputs: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._error: str | None = None
+
+    # ---- setup (launch group) ------------------------------------------------------
+    def rendezvous_address(self) -> str:
+        """A free TCP port on this actor's node: rank 0 hosts the process-group store there."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def start(self, rank: int, config: EngineConfig, init_method: str) -> None:
+        try:
+            # Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
+            self.worker, self.tracer = start_worker(rank, config, init_method, cuda_index=0)
+        except BaseException:
+            self._fail(traceback.format_exc())
+            raise
+        deliver = self._outputs.put if rank == config.parallel.output_rank else None
+        threading.Thread(target=report_passes, args=(self._passes, deliver, self._fail), daemon=True,
+                         name="braid-worker-replies").start()
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_kv_cache(num_blocks)
+
+    # ---- steps -------------------------------------------------------------------
+    def execute_model(self, frame: bytes) -> None:
+        try:
+            for pending in self.worker.execute_model_async(self._so_decoder.decode(frame)):
+                self._passes.put(pending)
+        except Exception:  # noqa: BLE001 - the watch call reports it
+            self._fail(traceback.format_exc())
+
+    def next_output(self) -> bytes:  # reply group
+        out = self._outputs.get()
+        return self._enc.encode(out)
+
+    def watch(self) -> str | None:  # watch group
+        """Returns the worker's error when it fails, None at shutdown."""
+        self._done.wait()
+        return self._error
+
+    def _fail(self, tb: str) -> None:
+        self._error = tb
+        self._done.set()
+
+    def shutdown(self) -> None:
+        self._passes.put(None)
+        tracer = getattr(self, "tracer", None)
+        if tracer is not None:
+            tracer.close()
+        destroy_process_group()
+        self._done.set()
+
+
+class RayExecutor:
+    def __init__(self, config: EngineConfig, tracer=None) -> None:
+        ray = self._ray = _import_ray()
+        import msgspec
+
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
+        self.world_size = config.parallel.world_size
+        self.output_rank = config.parallel.output_rank
+        self._enc = msgspec.msgpack.Encoder()
+        self._reply_decoder = msgspec.msgpack.Decoder(ModelRunnerOutput)
+        self._closed = True
+        self._owns_ray = False
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            else:  # a local cluster for this engine; CPU ranks need one logical CPU each
+                ray.init(num_cpus=max(self.world_size, os.cpu_count() or 1), include_dashboard=False,
+                         configure_logging=False)
+                self._owns_ray = True
+        on_gpu = config.device.device.type == "cuda"
+        bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1}
+        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            self._release()
+            raise ValueError(f"Ray could not place {self.world_size} workers of {bundle} each within 60 s; "
+                             f"cluster resources: {ray.cluster_resources()}") from None
+        actor_cls = ray.remote(concurrency_groups={"reply": 1, "watch": 1})(_RayWorker)
+        env = {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
+        self.actors = [
+            actor_cls.options(
+                num_cpus=1, num_gpus=1 if on_gpu else 0, runtime_env=env,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=rank),
+            ).remote()
+            for rank in range(self.world_size)
+        ]
+        self._closed = False
+        self._watches = [a.watch.options(concurrency_group="watch").remote() for a in self.actors]
+        try:
+            init_method = ray.get(self.actors[0].rendezvous_address.remote())
+            self._get_all([a.start.remote(rank, config, init_method) for rank, a in enumerate(self.actors)])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---- plumbing ---------------------------------------------------------------
+    def _get(self, ref):
+        """The call's result; raises WorkerError as soon as any worker dies or fails."""
+        ray = self._ray
+        while True:
+            ready, _ = ray.wait([ref, *self._watches], num_returns=1, timeout=None, fetch_local=True)
+            if ref in ready:
+                try:
+                    return ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    self._raise_failed()
+                except ray.exceptions.RayTaskError as e:
+                    raise WorkerError(f"a worker failed: {e}") from None
+            self._raise_failed()
+
+    def _get_all(self, refs: list) -> list:
+        return [self._get(ref) for ref in refs]
+
+    def _raise_failed(self):
+        """Name the worker that went first. A death makes its peers' collectives fail too,
+        so give Ray a moment to notice deaths and report a dead rank before a failed one."""
+        ray = self._ray
+        ready, _ = ray.wait(self._watches, num_returns=len(self._watches), timeout=2.0)
+        failed = None
+        for rank, watch in enumerate(self._watches):
+            if watch not in ready:
+                continue
+            try:
+                error = ray.get(watch)
+            except ray.exceptions.RayActorError as e:
+                raise WorkerError(f"worker rank {rank} died ({type(e).__name__}); the engine cannot continue") \
+                    from None
+            if failed is None and error is not None:
+                failed = WorkerError(f"worker rank {rank} failed: {error}")
+        raise failed or WorkerError("a worker stopped; the engine cannot continue")
+
+    # ---- the executor interface ---------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        # Every rank holds the same number of blocks: the smallest any rank can afford.
+        return min(self._get_all([a.determine_num_blocks.remote() for a in self.actors]))
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._get_all([a.initialize_kv_cache.remote(num_blocks) for a in self.actors])
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> list["RayPendingReply"]:
+        frame = self._enc.encode(scheduler_output)
+        for actor in self.actors:
+            actor.execute_model.remote(frame)
+        output_actor = self.actors[self.output_rank]
+        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())
+                for _ in range(scheduler_output.num_steps)]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        (reply,) = self.execute_model_async(scheduler_output)
+        return reply.result()
+
+    def kill_workers(self) -> None:
+        for actor in getattr(self, "actors", []):
+            self._ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        ray = self._ray
+        try:
+            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=5.0)
+        except Exception:  # noqa: BLE001 - dead actors
+            pass
+        self.kill_workers()
+        self._release()
+
+    def _release(self) -> None:
+        ray = self._ray
+        try:
+            ray.util.remove_placement_group(self._pg)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+class RayPendingReply:
+    """One pass's tokens from the output rank's actor."""
+
+    def __init__(self, executor: RayExecutor, ref) -> None:
+        self._executor = executor
+        self._ref = ref
+        self._result: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is None:
+            self._result = self._executor._reply_decoder.decode(self._executor._get(self._ref))
+        return self._result
+

@@ -1,0 +1,69 @@
+"""The Ray executor (--distributed-executor-backend ray) on a local Ray cluster, gloo on
+CPU: TP=2 and TP=2 x PP=2 with async scheduling give the single-device greedy tokens,
+the KV pool is full afterwards, and a killed actor ends the engine with an error naming
+its rank within 10 s."""
+import os
+import signal
+import time
+
+import pytest
+
+from braid import LLM, SamplingParams
+from braid.engine.arg_utils import EngineArgs
+from braid.engine.llm_engine import LLMEngine
+from braid.executor.worker_setup import WorkerError
+from tests.engine.conftest import assert_pool_full
+from tests.tiny_checkpoints import make_tiny_checkpoint
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.distributed
+
+PROMPTS = [[1, 17, 250, 33, 99, 5, 300, 42, 7], [1, 45, 9, 310, 27], [3, 4, 5], list(range(3, 40))]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # One local cluster for the module (starting Ray costs seconds); the executor joins it.
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _tokens(llm, params=GREEDY):
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray):
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"))
+    for parallel in ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}):
+        llm = LLM(model, kv_cache_memory="64MiB", distributed_executor_backend="ray", async_scheduling=True,
+                  **parallel)
+        try:
+            assert type(llm.llm_engine.engine_core.executor).__name__ == "RayExecutor"
+            assert _tokens(llm) == want, parallel
+            assert_pool_full(llm)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def test_ray_killed_actor_ends_the_engine_within_10s(tmp_path, local_ray):
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    engine = LLMEngine.from_engine_args(EngineArgs(model=model, kv_cache_memory="64MiB", tensor_parallel_size=2,
+                                                   distributed_executor_backend="ray"))
+    executor = engine.engine_core.executor
+    try:
+        pid = ray.get(executor.actors[1].__ray_call__.remote(lambda self: os.getpid()))
+        engine.add_request("a", {"prompt_token_ids": PROMPTS[0]},
+                           SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0))
+        engine.step()
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="worker rank 1 died"):
+            while True:
+                engine.step()
+        assert time.monotonic() - start < 10
+    finally:
+        engine.engine_core.shutdown()

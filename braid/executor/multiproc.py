@@ -1,7 +1,8 @@
 """The multiprocess executor: one worker process per rank (--distributed-executor-backend mp).
 
-The engine core broadcasts every call to all ranks, each over its own pipe, as
-msgspec frames (never pickled). Every rank runs every model step (the collectives
+The engine core broadcasts every call to all ranks through a shared-memory ring
+(distributed/shm_broadcast.py; a call too large for a slot goes over each worker's pipe),
+as msgspec frames (never pickled). Every rank runs every model step (the collectives
 need them all); only the output rank (the last pipeline stage's first TP rank)
 replies with the step's tokens, one reply per pass.
 Setup calls (KV sizing, cache allocation) are answered by every rank. While it
@@ -25,6 +26,7 @@ import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.distributed.shm_broadcast import BroadcastReader, BroadcastWriter
 from braid.executor.worker_setup import WorkerError, destroy_process_group, report_passes, start_worker
 
 __all__ = ["MultiprocExecutor", "WorkerError"]
@@ -63,15 +65,23 @@ class MultiprocExecutor:
         self.output_rank = config.parallel.output_rank
         self._enc, _, self._msgspec = _codec()
         self._reply_decoder = self._msgspec.msgpack.Decoder(ModelRunnerOutput)
-        self._rendezvous_dir = tempfile.mkdtemp(prefix="braid-dist-")
+        # Private to this user (0700); on the RAM disk when there is one (the broadcast ring).
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="braid-dist-", dir="/dev/shm" if os.path.isdir("/dev/shm")
+                                                else None)
         os.chmod(self._rendezvous_dir, 0o700)
         init_method = "file://" + os.path.join(self._rendezvous_dir, "rendezvous")
-        ctx = mp.get_context("spawn")
+        ring_path = os.path.join(self._rendezvous_dir, "broadcast")
         self.procs, self.conns = [], []
+        self._writer = BroadcastWriter(ring_path, self.world_size, send_fallback=self._send_frame,
+                                       check_readers=self._check_alive)
+        # GPU hosts have a core per rank to spare: spin for new calls (the wake-up is what a
+        # step waits on); CPU ranks need every core for the model, so they sleep at once.
+        spin_s = 0.5 if config.device.device.type == "cuda" else 0.0
+        ctx = mp.get_context("spawn")
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, config, init_method, child), daemon=True,
-                               name=f"braid-worker-{rank}")
+            proc = ctx.Process(target=_worker_main, args=(rank, config, init_method, child, ring_path, spin_s),
+                               daemon=True, name=f"braid-worker-{rank}")
             proc.start()
             child.close()
             self.procs.append(proc)
@@ -82,11 +92,17 @@ class MultiprocExecutor:
 
     # ---- plumbing ---------------------------------------------------------------
     def _broadcast(self, method: str, body=None) -> None:
-        frame = _frame(method, self._enc.encode(body))
-        for rank, conn in enumerate(self.conns):
-            try:
-                conn.send_bytes(frame)
-            except (BrokenPipeError, OSError):
+        self._writer.enqueue(_frame(method, self._enc.encode(body)))
+
+    def _send_frame(self, rank: int, frame: bytes) -> None:
+        try:
+            self.conns[rank].send_bytes(frame)
+        except (BrokenPipeError, OSError):
+            self._raise_dead(rank)
+
+    def _check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
                 self._raise_dead(rank)
 
     def _recv(self, rank: int) -> bytes:
@@ -144,11 +160,10 @@ class MultiprocExecutor:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        for conn in self.conns:
-            try:
-                conn.send_bytes(_frame("shutdown", self._enc.encode(None)))
-            except OSError:
-                pass
+        try:
+            self._broadcast("shutdown")
+        except (WorkerError, OSError):
+            pass
         for proc in self.procs:
             proc.join(timeout=5.0)
             if proc.is_alive():
@@ -156,6 +171,7 @@ class MultiprocExecutor:
                 proc.join(timeout=2.0)
         for conn in self.conns:
             conn.close()
+        self._writer.close()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def __del__(self):
@@ -179,7 +195,7 @@ class PendingReply:
         return self._result
 
 
-def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> None:
+def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_path: str, spin_s: float) -> None:
     enc, decoders, _ = _codec()
 
     def deliver(out) -> None:
@@ -192,6 +208,8 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
             os._exit(1)
 
     try:
+        calls = BroadcastReader(ring_path, rank, config.parallel.world_size, recv_fallback=conn.recv_bytes,
+                                spin_s=spin_s)
         worker, tracer = start_worker(rank, config, init_method, cuda_index=rank)
         conn.send_bytes(_frame("ok", b""))
         # Launches happen here; a second thread waits for each pass's tokens and replies.
@@ -199,7 +217,7 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn) -> Non
         threading.Thread(target=report_passes, daemon=True, name="braid-worker-replies",
                          args=(passes, deliver if rank == config.parallel.output_rank else None, on_error)).start()
         while True:
-            method, body = _split(conn.recv_bytes())
+            method, body = _split(calls.dequeue())
             payload = decoders[method].decode(body)
             if method == "shutdown":
                 tracer.close()

@@ -49,12 +49,14 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
 
 
 def braid_variant(engine: str) -> dict | None:
-    """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', 'braid-tp2-async', 'braid-pp2', ...
+    """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', 'braid-tp2-async', 'braid-pp2',
+    'braid-pp2-inflight1' (one batch in the pipeline at a time), 'braid-pp2-eager', ...
     -> engine options (None: not braid)."""
     parts = engine.split("-")
     if parts[0] != "braid":
         return None
-    options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1)
+    options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1,
+                   max_concurrent_batches=None, enforce_eager=False)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
@@ -64,6 +66,10 @@ def braid_variant(engine: str) -> dict | None:
             options["tensor_parallel_size"] = int(part[2:])
         elif part.startswith("pp") and part[2:].isdigit():
             options["pipeline_parallel_size"] = int(part[2:])
+        elif part.startswith("inflight") and part[8:].isdigit():  # --max-concurrent-batches
+            options["max_concurrent_batches"] = int(part[8:])
+        elif part == "eager":
+            options["enforce_eager"] = True
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
@@ -71,13 +77,15 @@ def braid_variant(engine: str) -> dict | None:
 
 def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
               trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1,
-              tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> dict:
+              tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+              max_concurrent_batches: int | None = None) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
               trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
-              tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+              tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+              max_concurrent_batches=max_concurrent_batches)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -101,7 +109,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
+                max_concurrent_batches=max_concurrent_batches, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:
@@ -155,7 +163,7 @@ def main() -> None:
                 trace = f"{args.trace_dir}/{engine}-run{len(runs)}" if args.trace_dir else None
                 variant = braid_variant(engine)
                 if variant is not None:
-                    runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, False, trace,
+                    runs.append(run_braid(model_dir, prompts, args.output_len, args.max_num_seqs, trace_dir=trace,
                                           **variant))
                 elif engine == "hf":
                     runs.append(run_hf(model_dir, prompts, args.output_len))
@@ -173,10 +181,15 @@ def main() -> None:
             if "error" in r:
                 print(f"{engine:>16}: ERROR {r['error'][:300]}")
             else:
-                busy = ((r.get("trace_summary") or {}).get("gpu") or {}).get("busy_fraction")
-                print(f"{engine:>16}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
+                gpu = (r.get("trace_summary") or {}).get("gpu") or {}
+                busy = gpu.get("busy_fraction")
+                # Under TP/PP every rank's GPU: busy over the run (steady state, the middle 80%).
+                ranks = [(g["busy_fraction"], g["steady_busy_fraction"]) for g in gpu.get("per_gpu", [])
+                         if "worker" in g["gpu"]]
+                print(f"{engine:>22}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
                       f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}"
-                      + (f", GPU busy {busy:.1%}" if busy is not None else ""))
+                      + (f", GPU busy {busy:.1%}" if busy is not None else "")
+                      + ("; per rank " + " ".join(f"{b:.0%}({s:.0%})" for b, s in ranks) if ranks else ""))
 
 
 if __name__ == "__main__":

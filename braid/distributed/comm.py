@@ -68,6 +68,15 @@ def pp_send(tensors: list[torch.Tensor]) -> None:
         dist.send(t.contiguous(), dst=dst, group=get_pp_group())
 
 
+def pp_recv_into(tensors: list[torch.Tensor]) -> None:
+    """Receive into these (contiguous) tensors from the previous pipeline stage."""
+    from braid.distributed.parallel_state import get_pp_group, get_pp_rank, get_pp_ranks
+
+    src = get_pp_ranks()[get_pp_rank() - 1]
+    for t in tensors:
+        dist.recv(t, src=src, group=get_pp_group())
+
+
 def pp_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Receive tensors of the given shapes from the previous pipeline stage."""
     from braid.distributed.parallel_state import get_pp_group, get_pp_rank, get_pp_ranks

@@ -164,12 +164,16 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
             gpu["per_stream"].append({"track": track, "gpu": gpu_key, "spans": len(iv), "busy_ms": _ms(busy),
                                       "busy_fraction": frac(busy)})
         fracs = []
+        # Steady state: the middle 80% of the window (no start-up ramp, no drain at the end).
+        s0, s1 = w0 + 0.1 * window, w1 - 0.1 * window
         for gpu_key, iv in sorted(by_gpu.items()):
             merged = gpu_busy[gpu_key] = _union(iv)
             busy = sum(e - s for s, e in merged)
+            steady = sum(max(0.0, min(e, s1) - max(s, s0)) for s, e in merged)
             fracs.append(frac(busy))
             gpu["per_gpu"].append({"gpu": gpu_key, "spans": len(iv), "busy_ms": _ms(busy),
-                                   "busy_fraction": fracs[-1]})
+                                   "busy_fraction": fracs[-1],
+                                   "steady_busy_fraction": steady / (s1 - s0) if s1 > s0 else 1.0})
         gpu["busy_fraction"] = sum(fracs) / len(fracs)
         gpu["span_names"] = {n: {"count": len(d), "total_ms": _ms(sum(d)), "mean_ms": _ms(sum(d) / len(d))}
                              for n, d in sorted(by_name.items())}
@@ -248,7 +252,7 @@ def format_summary(summary: dict, top: int | None = None) -> str:
         if len(gpu["per_gpu"]) > 1:
             for g in gpu["per_gpu"]:
                 out.append(f"  {g['gpu'] + ' (all streams)':<44} {g['spans']:>7} {g['busy_ms']:>12.3f} "
-                           f"{g['busy_fraction'] * 100:>6.1f}%")
+                           f"{g['busy_fraction'] * 100:>6.1f}%  (steady state {g['steady_busy_fraction']:.1%})")
         out.append(f"  {'GPU span':<44} {'count':>7} {'mean ms':>12} {'total ms':>12}")
         for n, d in gpu["span_names"].items():
             out.append(f"  {n:<44} {d['count']:>7} {d['mean_ms']:>12.3f} {d['total_ms']:>12.3f}")

@@ -5,6 +5,11 @@ takes the CPU out of the step. One graph per batch-size bucket up to
 max_num_seqs, all sharing one memory pool; a batch is padded up to the next
 bucket. Inputs live in persistent device buffers that each step overwrites;
 padded rows write no KV (slot -1) and attend to one harmless cached slot.
+
+Under pipeline parallelism each stage captures its own layers: a later stage's
+graph reads the hidden states and residual from static buffers that the receive
+from the previous stage fills just before the replay; a stage's outputs are sent
+on after it. The send/receive stay outside the graph.
 """
 from __future__ import annotations
 
@@ -29,9 +34,15 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeCudaGraphs:
-    def __init__(self, model, backend, kv_caches: list[torch.Tensor], max_batch_size: int, max_model_len: int,
-                 block_size: int, device: torch.device) -> None:
-        self.model = model
+    """`compute(input_ids, positions, hidden, residual)` runs this rank's part of the model:
+    the whole model (returns hidden states), or a pipeline stage (hidden and residual are
+    the previous stage's outputs, None on the first; returns the final hidden states on the
+    last stage, (hidden, residual) on the others). `stage_input` = (hidden_size, dtype) when
+    this stage receives them."""
+
+    def __init__(self, compute, backend, kv_caches: list[torch.Tensor], max_batch_size: int, max_model_len: int,
+                 block_size: int, device: torch.device, stage_input: tuple[int, torch.dtype] | None = None) -> None:
+        self.compute = compute
         self.backend = backend
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
@@ -62,6 +73,11 @@ class DecodeCudaGraphs:
         self.host["seq_lens"][:] = 1
         self.device_buffer.copy_(self.host_buffer)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per request
+        # A later pipeline stage's inputs: the previous stage's hidden states and residual.
+        self.stage_inputs = None
+        if stage_input is not None:
+            hidden_size, dtype = stage_input
+            self.stage_inputs = torch.zeros((2, n, hidden_size), dtype=dtype, device=device).unbind(0)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_bytes = 0
         # The last step's uploads from the staging buffers; they must land before we overwrite them.
@@ -88,13 +104,13 @@ class DecodeCudaGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
             ctx = self._context(size)
-            ids, positions = self.dev["input_ids"][:size], self.dev["positions"][:size]
+            args = (self.dev["input_ids"][:size], self.dev["positions"][:size], *self._stage_inputs(size))
             with set_forward_context(ctx):  # warm-up compiles kernels outside the capture
-                self.model(ids, positions)
+                self.compute(*args)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), set_forward_context(ctx):
-                hidden = self.model(ids, positions)
+                hidden = self.compute(*args)
             pool = graph.pool() if pool is None else pool
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
@@ -102,14 +118,24 @@ class DecodeCudaGraphs:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
                     self.max_batch_size, self.memory_bytes / 2**30)
 
+    def _stage_inputs(self, size: int) -> tuple:
+        if self.stage_inputs is None:
+            return None, None
+        return tuple(t[:size] for t in self.stage_inputs)
+
+    def stage_input_rows(self, num_reqs: int) -> list[torch.Tensor]:
+        """Where a later pipeline stage receives this batch's hidden states and residual."""
+        return list(self._stage_inputs(num_reqs))
+
     def can_run(self, host: HostBatch) -> bool:
         return host.max_query_len == 1 and host.num_tokens == host.num_reqs <= self.max_batch_size
 
     def run(self, host: HostBatch, prev_sampled: torch.Tensor | None = None,
-            pending_src: np.ndarray | None = None) -> torch.Tensor:
-        """Replay the bucket that fits this decode batch; returns hidden states [B, H].
+            pending_src: np.ndarray | None = None):
+        """Replay the bucket that fits this decode batch; returns `compute`'s outputs for its B rows.
 
-        Input token host.pending_token_index[i] is prev_sampled[pending_src[i]] (async scheduling)."""
+        Input token host.pending_token_index[i] is prev_sampled[pending_src[i]] (async scheduling).
+        A later pipeline stage has received its inputs into stage_input_rows(B) already."""
         b = host.num_reqs
         size = next(s for s in self.sizes if s >= b)
         if self._uploaded is not None:
@@ -134,9 +160,9 @@ class DecodeCudaGraphs:
         if num_pending:
             dst = self.dev["pending_dst"][:num_pending]
             self.dev["input_ids"].index_copy_(0, dst, prev_sampled.index_select(0, self.dev["pending_src"][:num_pending]))
-        graph, hidden = self.graphs[size]
+        graph, out = self.graphs[size]
         graph.replay()
-        return hidden[:b]
+        return tuple(t[:b] for t in out) if isinstance(out, tuple) else out[:b]
 
 
     def run_next(self, sampled: torch.Tensor, num_reqs: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from braid.config import EngineConfig
-from braid.distributed.comm import pp_recv, pp_send
+from braid.distributed.comm import pp_recv, pp_recv_into, pp_send
 from braid.distributed.parallel_state import get_pp_size, is_first_pp_stage, is_last_pp_stage
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.forward_context import ForwardContext, set_forward_context
@@ -52,10 +52,9 @@ class ModelRunner:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values);
-        pipeline stages run eagerly for now (a graph would have to span the send/recv)."""
+        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values)."""
         return (self.device.type == "cuda" and not self.config.device.enforce_eager
-                and self.attn_backend.name == "triton" and get_pp_size() == 1)
+                and self.attn_backend.name == "triton")
 
     @property
     def layer_range(self) -> tuple[int, int]:
@@ -88,8 +87,9 @@ class ModelRunner:
                     whole.numel() * whole.element_size() / 2**30)
         if self.use_cuda_graphs:
             sched = self.config.scheduler
-            self.cuda_graphs = DecodeCudaGraphs(self.model, self.attn_backend, self.kv_caches, sched.max_num_seqs,
-                                                sched.max_model_len, self.block_size, self.device)
+            stage_input = None if is_first_pp_stage() else (m.hf_config.hidden_size, m.dtype)
+            self.cuda_graphs = DecodeCudaGraphs(self._compute, self.attn_backend, self.kv_caches, sched.max_num_seqs,
+                                                sched.max_model_len, self.block_size, self.device, stage_input)
             self.cuda_graphs.capture()
 
     @torch.inference_mode()
@@ -186,18 +186,25 @@ class ModelRunner:
             pending_src = self._pending_sources(host, req_ids)
             logits_indices = host.last_token_indices[rows]
         batch = None
-        with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
-            if self.cuda_graphs is not None and self.cuda_graphs.can_run(host):
-                hidden = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
-                # A decode batch samples every row, in order: no gather needed.
-                every_row = len(rows) == host.num_tokens
-                logits_idx = None if every_row else pack_to_device([logits_indices], self.device)[0]
-            else:
-                batch = upload(host, self.device, logits_indices, pending_src)
-                if pending_src is not None:
-                    batch.input_ids.index_copy_(0, batch.pending_dst, self.prev_sampled.index_select(0, batch.pending_src))
-                hidden = self._forward_eager(batch)
-                logits_idx = batch.logits_indices
+        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host)
+        with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=use_graph):
+            # A later pipeline stage waits for the previous one outside its GPU span: the
+            # timeline counts a stage busy only while it computes.
+            stage_input = self._receive(host.num_tokens, use_graph)
+            with tracer.gpu_span("forward"):
+                if use_graph:
+                    out = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
+                    # A decode batch samples every row, in order: no gather needed.
+                    every_row = len(rows) == host.num_tokens
+                    logits_idx = None if every_row else pack_to_device([logits_indices], self.device)[0]
+                else:
+                    batch = upload(host, self.device, logits_indices, pending_src)
+                    if pending_src is not None:
+                        batch.input_ids.index_copy_(0, batch.pending_dst,
+                                                    self.prev_sampled.index_select(0, batch.pending_src))
+                    out = self._forward_eager(batch, stage_input)
+                    logits_idx = batch.logits_indices
+            hidden = self._send_on(out)
         outputs = [self._sample_and_send(states, req_ids, rows, seq_ends, hidden, logits_idx, host, num_tokens)]
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
@@ -222,27 +229,42 @@ class ModelRunner:
                 state.num_computed_tokens += 1
         return outputs
 
-    def _forward_eager(self, batch) -> torch.Tensor | None:
+    def _forward_eager(self, batch, stage_input=None):
         with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
-            if get_pp_size() == 1:
-                return self.model(batch.input_ids, batch.positions)
-            return self._forward_stage(batch.input_ids, batch.positions)
+            return self._compute(batch.input_ids, batch.positions, *(stage_input or (None, None)))
 
-    def _forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """This pipeline stage's layers: hidden states and residual come from the previous stage
-        and go to the next; the last stage returns the final hidden states (others None)."""
+    def _receive(self, num_tokens: int, use_graph: bool):
+        """A later pipeline stage's inputs from the previous stage: straight into the CUDA
+        graph's static buffers (returns None), or as new tensors (hidden, residual)."""
+        if is_first_pp_stage():
+            return None
+        if use_graph:
+            pp_recv_into(self.cuda_graphs.stage_input_rows(num_tokens))
+            return None
+        shape = (num_tokens, self.config.model.hf_config.hidden_size)
+        return pp_recv([shape, shape], self.config.model.dtype, self.device)
+
+    def _compute(self, input_ids, positions, hidden=None, residual=None):
+        """This rank's part of the forward (what a CUDA graph captures): the whole model, or a
+        pipeline stage's layers; (hidden, residual) for a stage that passes them on."""
+        if get_pp_size() == 1:
+            return self.model(input_ids, positions)
         inner = self.model.model
         if is_first_pp_stage():
-            hidden, residual = inner.embed_input_ids(input_ids), None
-        else:
-            shape = (input_ids.shape[0], self.config.model.hf_config.hidden_size)
-            hidden, residual = pp_recv([shape, shape], self.config.model.dtype, self.device)
+            hidden = inner.embed_input_ids(input_ids)
         hidden, residual = inner.forward_layers(positions, hidden, residual)
         if not is_last_pp_stage():
-            pp_send([hidden, residual])
-            return None
+            return hidden, residual
         hidden, _ = inner.norm(hidden, residual)
         return hidden
+
+    @staticmethod
+    def _send_on(out):
+        """A stage that is not the last sends its (hidden, residual) on and samples nothing."""
+        if isinstance(out, tuple):
+            pp_send(list(out))
+            return None
+        return out
 
     def _sample_and_send(self, states, req_ids, rows, seq_ends, hidden, logits_idx, host=None,
                          num_tokens=None) -> AsyncModelRunnerOutput:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 6 on 4 x H200: the NCCL equivalence tests, then W1 for one shape over TP=2, PP=2
+# (micro-batches in flight, and one batch in flight), TP=4, PP=4 and TP=2 x PP=2, each run
+# traced for per-rank GPU busy. Two 2-GPU runs share the host at a time (GPUs 0,1 and 2,3).
+# Usage: benchmarks/gpu_parallel4.sh SHAPE PART...   SHAPE: llama3-8b | llama3-70b;
+#        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs). Each part fits a 10-minute call.
+source benchmarks/gpu_setup.sh
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+shape=$1
+shift
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -4
+w1() {  # w1 GPUS ENGINES TAG
+  CUDA_VISIBLE_DEVICES=$1 timeout ${W1_TIMEOUT:-540} python benchmarks/w1_throughput.py --shape "$shape" \
+    --engines "$2" --trace-dir "/tmp/trace-$shape-$3" --out "$out/w1_${shape}_$3.json" > "$out/w1_${shape}_$3.log" 2>&1
+}
+for part in "$@"; do
+  case $part in
+    tests) timeout 240 python -m pytest tests/distributed/test_gpu_parallel.py -m gpu -q -p no:cacheprovider \
+             --tb=short 2>&1 | grep -E "^E |Error|passed|failed|skipped" | tail -15 ;;
+    pairs) w1 0,1 braid-tp2-async,braid-pp2-inflight1 pairs-a &
+           w1 2,3 braid-pp2-async,braid-pp2 pairs-b &
+           wait ;;
+    four) w1 0,1,2,3 braid-tp4-async,braid-pp4-async,braid-tp2-pp2-async four ;;
+  esac
+done
+for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

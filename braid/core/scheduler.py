@@ -96,6 +96,13 @@ class Scheduler:
         if request.sampling_params.uses_penalties:
             self.num_needing_output_history -= 1
 
+    @property
+    def max_running(self) -> int:
+        """--max-num-seqs caps one batch; with micro-batches in the pipeline each holds up to
+        that many (as vLLM's per-iteration meaning of the flag), so the stages are not left
+        reading their weights for half-size batches."""
+        return self.config.max_num_seqs * self.config.num_micro_batches
+
     # ---- scheduling ------------------------------------------------------------
     def _token_share(self, request: Request, budget: int) -> int:
         if self.config.pipeline_parallel_size > 1 and request.num_in_flight_steps:
@@ -139,8 +146,8 @@ class Scheduler:
         preempted_any = False
 
         # Running requests first, oldest first; preempt from the newest when blocks run out.
-        # Under pipeline parallelism each micro-batch takes its share of them, so the
-        # stages stay busy with different requests.
+        # Under pipeline parallelism each micro-batch takes its share of them (at most
+        # --max-num-seqs), so the stages stay busy with different requests.
         shares = self.config.num_micro_batches
         max_running_here = -(-len(self.running) // shares)
         i = 0
@@ -175,7 +182,8 @@ class Scheduler:
             i += 1
 
         # Then waiting requests in arrival order, unless this step had to preempt.
-        while self.waiting and budget > 0 and not preempted_any and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted_any and len(self.running) < self.max_running
+               and len(num_scheduled) < self.config.max_num_seqs):
             request = self.waiting[0]
             if request.num_output_placeholders:  # preempted with a token still in flight
                 break
@@ -244,7 +252,7 @@ class Scheduler:
         n = self.config.num_scheduler_steps
         if n == 1 or self.num_needing_output_history:
             return 1
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
+        if self.waiting and len(self.running) < self.max_running:
             return 1  # a prompt can join now: it runs as a single step first
         requests = [self.requests[c.req_id] for c in cached_reqs]
         for request in requests:

@@ -213,7 +213,8 @@ class ModelRunner:
         seq_lens_cpu = host.seq_lens.copy()
         for _ in range(1, so.num_steps):
             seq_ends = seq_ends + 1
-            with tracer.cpu_span("launch", tokens=host.num_tokens), tracer.gpu_span("forward"):
+            with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=batch is None), \
+                    tracer.gpu_span("forward"):
                 if batch is None:
                     hidden = self.cuda_graphs.run_next(self.prev_sampled, len(states))
                 else:

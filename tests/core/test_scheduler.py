@@ -183,3 +183,23 @@ def test_async_schedules_ahead_with_placeholders():
         assert s.update_from_output(step, ModelRunnerOutput(["a"], [[5]], [None])).outputs == []
     assert s.requests["a"].output_token_ids == [] and not s._stale_in_flight
     assert s.kv.num_free_blocks == s.kv.num_blocks  # the old "a" gave its blocks back; the new one has none yet
+
+
+def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
+    # PP=2: two micro-batches in flight, each of at most --max-num-seqs requests, so up to
+    # 2 x max_num_seqs run; a request in the pipeline is not scheduled again.
+    s = make_scheduler(pipeline_parallel_size=2, max_num_seqs=2)
+    reqs = {f"r{i}": make_request(f"r{i}", [1, 2, 3], max_tokens=4) for i in range(5)}
+    for r in reqs.values():
+        s.add_request(r)
+    first = s.schedule()
+    assert len(first.num_scheduled_tokens) == 2  # one batch never holds more than max_num_seqs
+    second = s.schedule()
+    assert len(second.num_scheduled_tokens) == 2
+    assert not set(first.num_scheduled_tokens) & set(second.num_scheduled_tokens)
+    assert len(s.running) == 4 and len(s.waiting) == 1
+    # One batch in flight (--max-concurrent-batches 1): back to max_num_seqs running.
+    one = make_scheduler(pipeline_parallel_size=2, max_num_seqs=2, max_concurrent_batches=1)
+    for i in range(5):
+        one.add_request(make_request(f"q{i}", [1, 2, 3], max_tokens=4))
+    assert len(one.schedule().num_scheduled_tokens) == 2 and len(one.running) == 2

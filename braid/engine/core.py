@@ -51,7 +51,7 @@ class EngineCore:
 
             self.executor = MultiprocExecutor(config, self.tracer)
         elif backend == "ray":
-            from braid.executor.ray_executor import RayExecutor
+            from braid.executor.ray import RayExecutor
 
             self.executor = RayExecutor(config, self.tracer)
         else:

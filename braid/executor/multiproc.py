@@ -1,7 +1,7 @@
 """The multiprocess executor: one worker process per rank (--distributed-executor-backend mp).
 
 The engine core broadcasts every call to all ranks through a shared-memory ring
-(distributed/shm_broadcast.py; a call too large for a slot goes over each worker's pipe),
+(executor/shm_queue.py; a call too large for a slot goes over each worker's pipe),
 as msgspec frames (never pickled). Every rank runs every model step (the collectives
 need them all); only the output rank (the last pipeline stage's first TP rank)
 replies with the step's tokens, one reply per pass.
@@ -26,7 +26,7 @@ import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from braid.distributed.shm_broadcast import BroadcastReader, BroadcastWriter
+from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
 from braid.executor.worker_setup import WorkerError, destroy_process_group, report_passes, start_worker
 
 __all__ = ["MultiprocExecutor", "WorkerError"]

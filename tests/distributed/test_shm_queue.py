@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from braid.distributed.shm_broadcast import BroadcastReader, BroadcastWriter
+from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
 
 SLOTS, SLOT_BYTES = 4, 256
 

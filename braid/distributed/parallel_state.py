@@ -6,14 +6,16 @@ call (or after `destroy_model_parallel()`) the layout is the single-device one:
 every group has size 1 and rank 0, and torch.distributed need not be
 initialised at all.
 
-Rank layout (world = tp_size * pp_size ranks of the default process group):
-tensor parallelism is the fastest-varying dimension,
+Rank layout (world = dp_size * pp_size * tp_size ranks of the default process
+group): tensor parallelism is the fastest-varying dimension, data parallelism
+the slowest,
 
-    rank = pp_rank * tp_size + tp_rank
+    rank = (dp_rank * pp_size + pp_rank) * tp_size + tp_rank
 
-so the TP group of pipeline stage p is ranks [p*tp, (p+1)*tp) (on one host:
-neighbouring GPUs, the fast links), and the PP group of TP rank t is
-ranks {t, t + tp, t + 2*tp, ...}.
+so a TP group is tp neighbouring ranks (on one host: neighbouring GPUs, the fast
+links); the PP group of a rank holds the same (dp, tp) position at every stage;
+the DP group the same (pp, tp) position in every replica; and the EP group (the
+ranks that share one stage's experts) is every DP x TP rank of that stage.
 
 The process groups are per process (each rank is its own process), so keeping
 them here is not forward-time global state.
@@ -32,13 +34,27 @@ class ParallelLayout:
     pp_size: int = 1
     # Layers per pipeline stage, first to last (None: an even split).
     pp_layer_partition: tuple[int, ...] | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def ep_size(self) -> int:
+        return self.dp_size * self.tp_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank * self.tp_size + self.tp_rank
 
 
 _layout = ParallelLayout()
 _tp_group: Any = None  # torch.distributed ProcessGroup of this rank's TP group (None: single device)
 _pp_group: Any = None
+_dp_group: Any = None
+_ep_group: Any = None
 _tp_ranks: tuple[int, ...] = (0,)
 _pp_ranks: tuple[int, ...] = (0,)
+_dp_ranks: tuple[int, ...] = (0,)
+_ep_ranks: tuple[int, ...] = (0,)
 
 
 def get_layout() -> ParallelLayout:
@@ -69,6 +85,24 @@ def get_tp_group():
 def get_pp_group():
     """This rank's PP process group; None for the single-device layout."""
     return _pp_group
+
+
+def get_dp_group():
+    """This rank's DP process group (same stage and TP rank in every replica); None when dp_size is 1."""
+    return _dp_group
+
+
+def get_ep_group():
+    """This rank's expert-parallel group (every DP x TP rank of its stage); None for one device."""
+    return _ep_group
+
+
+def get_dp_ranks() -> tuple[int, ...]:
+    return _dp_ranks
+
+
+def get_ep_ranks() -> tuple[int, ...]:
+    return _ep_ranks
 
 
 def pp_layer_range(num_layers: int, pp_rank: int | None = None, pp_size: int | None = None) -> tuple[int, int]:
@@ -112,60 +146,62 @@ def model_parallel_is_initialized() -> bool:
 
 
 def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = None,
-                        pp_layer_partition: tuple[int, ...] | None = None) -> ParallelLayout:
-    """Create the TP and PP groups over the initialised default process group
-    and set this rank's layout. world_size must equal tp_size * pp_size; rank =
-    pp_rank * tp_size + tp_rank. `backend` (e.g. "gloo", "nccl") is passed to
+                        pp_layer_partition: tuple[int, ...] | None = None, dp_size: int = 1) -> ParallelLayout:
+    """Create the TP, PP, DP and EP groups over the initialised default process group
+    and set this rank's layout. world_size must equal dp_size * pp_size * tp_size (see the
+    module doc for the rank layout). `backend` (e.g. "gloo", "nccl") is passed to
     dist.new_group; None uses the default group's backend.
 
     Every rank must call this (new_group is collective over the world), in the
     same order relative to other new_group calls. Build models after it."""
-    global _layout, _tp_group, _pp_group, _tp_ranks, _pp_ranks
+    global _layout, _tp_group, _pp_group, _dp_group, _ep_group, _tp_ranks, _pp_ranks, _dp_ranks, _ep_ranks
     import torch.distributed as dist
 
-    if tp_size < 1 or pp_size < 1:
-        raise ValueError(f"tp_size and pp_size must be >= 1, got tp_size={tp_size}, pp_size={pp_size}")
+    if tp_size < 1 or pp_size < 1 or dp_size < 1:
+        raise ValueError(f"tp_size, pp_size and dp_size must be >= 1, got tp_size={tp_size}, pp_size={pp_size}, "
+                         f"dp_size={dp_size}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("init_model_parallel needs an initialised torch.distributed default process group")
     if _tp_group is not None:
         raise RuntimeError("model parallel groups are already initialised; call destroy_model_parallel() first")
     world_size = dist.get_world_size()
-    if world_size != tp_size * pp_size:
-        raise ValueError(
-            f"world size {world_size} != tp_size {tp_size} * pp_size {pp_size}"
-        )
+    if world_size != dp_size * pp_size * tp_size:
+        raise ValueError(f"world size {world_size} != dp_size {dp_size} * pp_size {pp_size} * tp_size {tp_size}")
     rank = dist.get_rank()
-    pp_rank, tp_rank = divmod(rank, tp_size)
+    dp_rank, rest = divmod(rank, pp_size * tp_size)
+    pp_rank, tp_rank = divmod(rest, tp_size)
 
-    # new_group is collective over all ranks: every rank creates every group, in the same order,
-    # and keeps the ones it belongs to.
-    tp_group = pp_group = None
-    for p in range(pp_size):
-        ranks = list(range(p * tp_size, (p + 1) * tp_size))
-        group = dist.new_group(ranks, backend=backend)
-        if p == pp_rank:
-            tp_group, tp_ranks = group, tuple(ranks)
-    for t in range(tp_size):
-        ranks = list(range(t, world_size, tp_size))
-        group = dist.new_group(ranks, backend=backend)
-        if t == tp_rank:
-            pp_group, pp_ranks = group, tuple(ranks)
+    def rank_of(d: int, p: int, t: int) -> int:
+        return (d * pp_size + p) * tp_size + t
 
-    _tp_group, _pp_group = tp_group, pp_group
-    _tp_ranks, _pp_ranks = tp_ranks, pp_ranks
+    # new_group is collective over all ranks: every rank creates every group, in the same
+    # order, and keeps the ones it belongs to.
+    def make_groups(all_ranks: list[list[int]]):
+        mine = None
+        for ranks in all_ranks:
+            group = dist.new_group(ranks, backend=backend)
+            if rank in ranks:
+                mine = (group, tuple(ranks))
+        return mine
+
+    dps, pps, tps = range(dp_size), range(pp_size), range(tp_size)
+    _tp_group, _tp_ranks = make_groups([[rank_of(d, p, t) for t in tps] for d in dps for p in pps])
+    _pp_group, _pp_ranks = make_groups([[rank_of(d, p, t) for p in pps] for d in dps for t in tps])
+    _dp_group, _dp_ranks = make_groups([[rank_of(d, p, t) for d in dps] for p in pps for t in tps])
+    _ep_group, _ep_ranks = make_groups([[rank_of(d, p, t) for d in dps for t in tps] for p in pps])
     _layout = ParallelLayout(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-                             pp_layer_partition=pp_layer_partition)
+                             pp_layer_partition=pp_layer_partition, dp_rank=dp_rank, dp_size=dp_size)
     return _layout
 
 
 def destroy_model_parallel() -> None:
-    """Drop the TP/PP groups and go back to the single-device layout. The
-    default process group is left alone (the caller owns it)."""
-    global _layout, _tp_group, _pp_group, _tp_ranks, _pp_ranks
-    groups = [g for g in (_tp_group, _pp_group) if g is not None]
+    """Drop the groups and go back to the single-device layout. The default
+    process group is left alone (the caller owns it)."""
+    global _layout, _tp_group, _pp_group, _dp_group, _ep_group, _tp_ranks, _pp_ranks, _dp_ranks, _ep_ranks
+    groups = [g for g in (_tp_group, _pp_group, _dp_group, _ep_group) if g is not None]
     _layout = ParallelLayout()
-    _tp_group = _pp_group = None
-    _tp_ranks = _pp_ranks = (0,)
+    _tp_group = _pp_group = _dp_group = _ep_group = None
+    _tp_ranks = _pp_ranks = _dp_ranks = _ep_ranks = (0,)
     if groups:
         import torch.distributed as dist
 

@@ -232,6 +232,40 @@ def test_groups_and_collectives(tmp_path, world_size, tp_size):
         assert (tmp_path / f"ok{r}").exists(), f"rank {r} did not finish its checks"
 
 
+def _dp_ep_worker(rank: int, world_size: int, init_file: str, dp_size: int, pp_size: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    _init_dist(rank, world_size, init_file)
+    try:
+        tp_size = world_size // (dp_size * pp_size)
+        layout = ps.init_model_parallel(tp_size, pp_size, dp_size=dp_size)
+        # rank = (dp * pp_size + pp) * tp_size + tp
+        dp_rank, rest = divmod(rank, pp_size * tp_size)
+        pp_rank, tp_rank = divmod(rest, tp_size)
+        assert (layout.dp_rank, layout.pp_rank, layout.tp_rank) == (dp_rank, pp_rank, tp_rank)
+        stage = [r for r in range(world_size) if (r // tp_size) % pp_size == pp_rank]
+        assert ps.get_ep_ranks() == tuple(stage)           # every DP x TP rank of this stage
+        assert layout.ep_size == len(stage) and ps.get_ep_ranks()[layout.ep_rank] == rank
+        assert ps.get_dp_ranks() == tuple(r for r in stage if r % tp_size == tp_rank)
+        assert ps.get_tp_ranks() == tuple(range(rank - tp_rank, rank - tp_rank + tp_size))
+        # A sum over each group sees exactly its members.
+        for group, members in ((ps.get_dp_group(), ps.get_dp_ranks()), (ps.get_ep_group(), ps.get_ep_ranks())):
+            x = torch.tensor([float(2 ** rank)])
+            dist.all_reduce(x, group=group)
+            assert x.item() == sum(2 ** r for r in members)
+        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
+            f.write("ok")
+    finally:
+        _teardown()
+
+
+@pytest.mark.parametrize("dp_size,pp_size", [(2, 1), (2, 2)], ids=["dp2-tp2", "dp2-pp2"])
+def test_dp_and_ep_groups(tmp_path, dp_size, pp_size):
+    _spawn(_dp_ep_worker, 4, str(tmp_path / "dist_init"), dp_size, pp_size, str(tmp_path))
+    for r in range(4):
+        assert (tmp_path / f"ok{r}").exists(), f"rank {r} did not finish its checks"
+
+
 def _failing_worker(rank: int, world_size: int, init_file: str) -> None:
     _init_dist(rank, world_size, init_file)
     try:

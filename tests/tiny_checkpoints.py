@@ -25,6 +25,8 @@ intermediate 128, max_position_embeddings 1024.
 - mistral: sliding_window=12 (shorter than most test sequences, so the window is exercised);
 - qwen2: q/k/v bias, tied embeddings;
 - qwen3: q/k norms, explicit head_dim=32 (q width 128 != hidden 64), tied embeddings.
+- qwen3_moe: qwen3's attention (untied head), every layer a mixture of 8 experts
+  (moe_intermediate_size 32), top-2, renormalised (mlp_only_layers makes some dense).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 TOKENIZER_VOCAB_SIZE = 384
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -122,6 +124,11 @@ def tiny_config(arch: str, **overrides: Any):
     elif arch == "qwen2":
         cls, name = transformers.Qwen2Config, "Qwen2ForCausalLM"
         common.update(tie_word_embeddings=True, use_sliding_window=False, rope_theta=10000.0)
+    elif arch == "qwen3_moe":
+        cls, name = transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM"
+        common.update(tie_word_embeddings=False, head_dim=32, use_sliding_window=False, attention_bias=False,
+                      rope_theta=10000.0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[])
     else:
         cls, name = transformers.Qwen3Config, "Qwen3ForCausalLM"
         common.update(tie_word_embeddings=True, head_dim=32, use_sliding_window=False, attention_bias=False, rope_theta=10000.0)

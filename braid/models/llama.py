@@ -111,17 +111,18 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v))
 
 
+def dense_mlp(config: Any, layer_idx: int) -> nn.Module:
+    return LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "hidden_act", "silu"),
+                    bias=bool(getattr(config, "mlp_bias", False)))
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, switches: dict) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, switches: dict,
+                 mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **switches)
-        self.mlp = LlamaMLP(
-            config.hidden_size,
-            config.intermediate_size,
-            getattr(config, "hidden_act", "silu"),
-            bias=bool(getattr(config, "mlp_bias", False)),
-        )
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -146,7 +147,7 @@ class PPMissingLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, layer_switches: list[dict]) -> None:
+    def __init__(self, config: Any, layer_switches: list[dict], make_mlp=dense_mlp) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = config.vocab_size
@@ -155,7 +156,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = get_rope_from_config(config, head_dim_of(config))
         self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, layer_switches[i])
+            LlamaDecoderLayer(config, i, self.rotary_emb, layer_switches[i], make_mlp(config, i))
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -208,7 +209,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         switches = [self._layer_switches(hf_config, i) for i in range(hf_config.num_hidden_layers)]
-        self.model = LlamaModel(hf_config, switches)
+        self.model = LlamaModel(hf_config, switches, self._make_mlp)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -235,6 +236,13 @@ class LlamaForCausalLM(nn.Module):
     def _sliding_window(self, config: Any, layer_idx: int) -> int | None:
         return None  # Llama: full attention
 
+    def _make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        return dense_mlp(config, layer_idx)
+
+    def _expert_weight(self, name: str) -> tuple[str, str, int] | None:
+        """(parameter, shard id, expert id) when `name` is one expert's tensor of a fused MoE."""
+        return None
+
     # -- model API --------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -257,6 +265,7 @@ class LlamaForCausalLM(nn.Module):
                 if target + "." in pname:
                     expected_shards.setdefault(pname, set()).add(shard)
         got_shards: dict[str, set] = {p: set() for p in expected_shards}
+        got_experts: dict[str, set] = {}
         loaded: set[str] = set()
         start, end = self.model.start_layer, self.model.end_layer
         for name, tensor in weights:
@@ -267,6 +276,20 @@ class LlamaForCausalLM(nn.Module):
                 continue  # another pipeline stage's layer
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue  # shares the embedding
+            expert = self._expert_weight(name)
+            if expert is not None:
+                pname, shard, expert_id = expert
+                param = params.get(pname)
+                if param is None:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint: no parameter {pname!r}")
+                try:
+                    param.weight_loader(param, tensor, shard, expert_id)
+                except ValueError as e:
+                    raise ValueError(f"loading {name!r}: {e}") from None
+                got_experts.setdefault(pname, set()).add((shard, expert_id))
+                if got_experts[pname] == param.expected_shards:
+                    loaded.add(pname)
+                continue
             for target, hf_part, shard in self.stacked_params_mapping:
                 if hf_part + "." not in name:
                     continue

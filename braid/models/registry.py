@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("braid.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("braid.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("braid.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("braid.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 

@@ -29,8 +29,9 @@ def _tokens(llm, prompts, params=GREEDY):
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {"num_key_value_heads": 1})],
-                         ids=["llama", "qwen3-1kv"])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {"num_key_value_heads": 1}),
+                                            ("qwen3_moe", {"mlp_only_layers": [0]})],
+                         ids=["llama", "qwen3-1kv", "qwen3-moe"])
 def test_tp2_equals_single_device(tmp_path, arch, overrides):
     model = make_tiny_checkpoint(arch, tmp_path / arch, **overrides)
     want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)

@@ -131,6 +131,9 @@ ARCH_CASES = [
     pytest.param("mistral", {}, False, id="mistral-sliding-window"),
     pytest.param("qwen2", {}, False, id="qwen2"),
     pytest.param("qwen3", {}, False, id="qwen3"),
+    pytest.param("qwen3_moe", {}, False, id="qwen3-moe"),
+    pytest.param("qwen3_moe", {"mlp_only_layers": [0], "norm_topk_prob": False, "num_hidden_layers": 3}, True,
+                 id="qwen3-moe-dense-first-unnormalised-sharded"),
     pytest.param(
         "llama",
         {

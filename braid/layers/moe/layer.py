@@ -1,0 +1,69 @@
+"""FusedMoE: a layer's experts as two stacked weights, w13 [E, 2I, H] (each expert's
+gate rows, then its up rows) and w2 [E, H, I], run by the fused Triton kernel on CUDA
+and by the torch reference elsewhere. Under tensor parallelism every rank holds every
+expert's slice of the intermediate dimension and the outputs are summed (all-reduce),
+as for a row-parallel MLP."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from braid.distributed.comm import tensor_model_parallel_all_reduce
+from braid.distributed.parallel_state import get_tp_rank, get_tp_size
+from braid.layers.linear import divide
+from braid.layers.moe.fused_moe_ref import fused_experts_ref
+from braid.layers.moe.routing import softmax_topk
+
+
+def fused_experts(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    if x.is_cuda:
+        from braid.layers.moe.fused_moe_kernel import fused_experts_triton  # triton only where CUDA is
+
+        return fused_experts_triton(x, w13, w2, topk_weights, topk_ids)
+    return fused_experts_ref(x, w13, w2, topk_weights, topk_ids)
+
+
+class FusedMoE(nn.Module):
+    # Checkpoint shard ids: gate (w1) and up (w3) rows of w13, down (w2).
+    SHARDS = {"w13_weight": ("w1", "w3"), "w2_weight": ("w2",)}
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 renormalize: bool = True, route: Callable | None = None) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.route = route or (lambda logits: softmax_topk(logits, top_k, renormalize))
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.inter = divide(intermediate_size, self.tp_size)
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter), requires_grad=False)
+        for name in self.SHARDS:
+            param = getattr(self, name)
+            param.weight_loader = self.weight_loader
+            param.expected_shards = {(shard, e) for shard in self.SHARDS[name] for e in range(num_experts)}
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
+        """Copy this rank's slice of one expert's HF tensor: gate/up [I, H] rows, down [H, I] columns."""
+        lo, hi = self.tp_rank * self.inter, (self.tp_rank + 1) * self.inter
+        if shard_id in ("w1", "w3"):
+            part = loaded[lo:hi]
+            dst = param[expert_id, : self.inter] if shard_id == "w1" else param[expert_id, self.inter:]
+        elif shard_id == "w2":
+            part, dst = loaded[:, lo:hi], param[expert_id]
+        else:
+            raise ValueError(f"unknown expert shard {shard_id!r}")
+        if tuple(part.shape) != tuple(dst.shape):
+            raise ValueError(f"shape mismatch loading expert {expert_id} {shard_id}: parameter slice "
+                             f"{tuple(dst.shape)}, checkpoint slice {tuple(part.shape)}")
+        with torch.no_grad():
+            dst.copy_(part)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(router_logits)
+        out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, intermediate={self.inter} (tp {self.tp_size}), "
+                f"renormalize={self.renormalize}")

@@ -1,0 +1,49 @@
+"""Qwen3-MoE: Qwen3's attention, and in its sparse layers a mixture of experts
+(softmax router over all experts, top-k, renormalised when config.norm_topk_prob)
+in place of the dense MLP. Layers listed in config.mlp_only_layers, or off the
+config.decoder_sparse_step grid, keep a dense MLP."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from braid.layers.linear import ReplicatedLinear
+from braid.layers.moe.layer import FusedMoE
+from braid.models.llama import dense_mlp
+from braid.models.qwen3 import Qwen3ForCausalLM
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SHARD = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"), "down_proj": ("w2_weight", "w2")}
+
+
+def num_experts_of(config: Any) -> int:
+    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
+
+
+class Qwen3MoeSparseBlock(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        num_experts = num_experts_of(config)
+        self.gate = ReplicatedLinear(config.hidden_size, num_experts)  # the router
+        self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size,
+                                config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.experts(hidden_states, self.gate(hidden_states))
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    def _make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
+        sparse = (layer_idx not in (getattr(config, "mlp_only_layers", None) or [])
+                  and num_experts_of(config) > 0 and (layer_idx + 1) % config.decoder_sparse_step == 0)
+        return Qwen3MoeSparseBlock(config) if sparse else dense_mlp(config, layer_idx)
+
+    def _expert_weight(self, name: str) -> tuple[str, str, int] | None:
+        m = _EXPERT.match(name)
+        if m is None:
+            return None
+        param, shard = _SHARD[m.group(3)]
+        return f"{m.group(1)}.{param}", shard, int(m.group(2))

@@ -148,6 +148,8 @@ class ParallelConfig:
     distributed_executor_backend: str = "uni"
     # Layers per pipeline stage (None: an even split).
     pp_layer_partition: tuple[int, ...] | None = None
+    # MoE experts sharded whole over the EP group (DP x TP ranks), tokens moved by all-to-all.
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -36,6 +36,8 @@ class ParallelLayout:
     pp_layer_partition: tuple[int, ...] | None = None
     dp_rank: int = 0
     dp_size: int = 1
+    # --enable-expert-parallel: MoE layers shard whole experts over the EP group.
+    expert_parallel: bool = False
 
     @property
     def ep_size(self) -> int:
@@ -146,7 +148,8 @@ def model_parallel_is_initialized() -> bool:
 
 
 def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = None,
-                        pp_layer_partition: tuple[int, ...] | None = None, dp_size: int = 1) -> ParallelLayout:
+                        pp_layer_partition: tuple[int, ...] | None = None, dp_size: int = 1,
+                        expert_parallel: bool = False) -> ParallelLayout:
     """Create the TP, PP, DP and EP groups over the initialised default process group
     and set this rank's layout. world_size must equal dp_size * pp_size * tp_size (see the
     module doc for the rank layout). `backend` (e.g. "gloo", "nccl") is passed to
@@ -190,7 +193,8 @@ def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = No
     _dp_group, _dp_ranks = make_groups([[rank_of(d, p, t) for d in dps] for p in pps for t in tps])
     _ep_group, _ep_ranks = make_groups([[rank_of(d, p, t) for d in dps for t in tps] for p in pps])
     _layout = ParallelLayout(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
-                             pp_layer_partition=pp_layer_partition, dp_rank=dp_rank, dp_size=dp_size)
+                             pp_layer_partition=pp_layer_partition, dp_rank=dp_rank, dp_size=dp_size,
+                             expert_parallel=expert_parallel)
     return _layout
 
 

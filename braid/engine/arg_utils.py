@@ -59,6 +59,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     max_concurrent_batches: int | None = None
     pp_layer_partition: str | None = None
+    enable_expert_parallel: bool = False
     distributed_executor_backend: str | None = None
     trace_dir: str | None = None
 
@@ -96,6 +97,9 @@ class EngineArgs:
                             help="with --num-scheduler-steps: report each pass's tokens as they land")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        parser.add_argument("--enable-expert-parallel", action="store_true",
+                            help="MoE models: shard whole experts over the ranks and move tokens to them by "
+                                 "all-to-all (instead of slicing every expert)")
         parser.add_argument("--pp-layer-partition", default=None,
                             help="layers per pipeline stage, comma separated, e.g. 15,17 (default: even)")
         parser.add_argument("--max-concurrent-batches", type=int, default=None,
@@ -124,7 +128,8 @@ class EngineArgs:
             except ValueError:
                 raise ValueError(f"--pp-layer-partition must be comma-separated layer counts, e.g. 15,17; "
                                  f"got {self.pp_layer_partition!r}") from None
-        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend, partition)
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend, partition,
+                              self.enable_expert_parallel)
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -159,6 +164,15 @@ class EngineArgs:
         if parallel.pp_layer_partition and sum(parallel.pp_layer_partition) != hf_config.num_hidden_layers:
             raise ValueError(f"--pp-layer-partition {self.pp_layer_partition} must sum to the model's "
                              f"{hf_config.num_hidden_layers} layers")
+        if self.enable_expert_parallel:
+            from braid.models.qwen3_moe import num_experts_of
+
+            experts = num_experts_of(hf_config)
+            if not experts:
+                raise ValueError("--enable-expert-parallel needs a mixture-of-experts model")
+            if experts % tp:
+                raise ValueError(f"--enable-expert-parallel: the expert-parallel size {tp} must divide the "
+                                 f"model's {experts} experts")
         if pp > 1 and self.num_scheduler_steps > 1:
             raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
                              "the next pass's input would have to travel from the last stage to the first")

@@ -41,7 +41,8 @@ def start_worker(rank: int, config: EngineConfig, init_method: str, cuda_index: 
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=parallel.world_size)
     parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
-                                       pp_layer_partition=parallel.pp_layer_partition)
+                                       pp_layer_partition=parallel.pp_layer_partition,
+                                       expert_parallel=parallel.enable_expert_parallel)
     # Each rank writes its own timeline (per-stage GPU busy under pipeline parallelism).
     tracer = make_tracer(config.trace_dir, f"worker-{rank}")
     return Worker(config, tracer), tracer

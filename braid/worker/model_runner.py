@@ -52,9 +52,10 @@ class ModelRunner:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values)."""
+        """Graphs need a CUDA device and the Triton backend (the torch reference reads host values);
+        expert parallelism runs eagerly for now (its all-to-all sizes come from the host)."""
         return (self.device.type == "cuda" and not self.config.device.enforce_eager
-                and self.attn_backend.name == "triton")
+                and self.attn_backend.name == "triton" and not self.config.parallel.enable_expert_parallel)
 
     @property
     def layer_range(self) -> tuple[int, int]:

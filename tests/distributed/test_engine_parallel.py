@@ -35,7 +35,10 @@ def _tokens(llm, prompts, params=GREEDY):
 def test_tp2_equals_single_device(tmp_path, arch, overrides):
     model = make_tiny_checkpoint(arch, tmp_path / arch, **overrides)
     want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
-    for extra in ({}, {"async_scheduling": True, "num_scheduler_steps": 4}):
+    extras = [{}, {"async_scheduling": True, "num_scheduler_steps": 4}]
+    if arch == "qwen3_moe":  # whole experts per rank, tokens moved by all-to-all
+        extras.append({"enable_expert_parallel": True, "async_scheduling": True})
+    for extra in extras:
         llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, **extra)
         try:
             assert _tokens(llm, PROMPTS) == want, extra

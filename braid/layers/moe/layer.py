@@ -1,8 +1,15 @@
 """FusedMoE: a layer's experts as two stacked weights, w13 [E, 2I, H] (each expert's
 gate rows, then its up rows) and w2 [E, H, I], run by the fused Triton kernel on CUDA
-and by the torch reference elsewhere. Under tensor parallelism every rank holds every
-expert's slice of the intermediate dimension and the outputs are summed (all-reduce),
-as for a row-parallel MLP."""
+and by the torch reference elsewhere.
+
+Tensor parallelism: every rank holds every expert's slice of the intermediate
+dimension and the outputs are summed (all-reduce), as for a row-parallel MLP.
+
+Expert parallelism (--enable-expert-parallel): rank r of the EP group holds experts
+[r*E/ep, (r+1)*E/ep) whole. The TP ranks of a replica hold the same tokens, so each
+takes its slice of them, sends every (token, expert) pair to the expert's rank and
+gets the weighted outputs back (all-to-all, dispatch.py); an all-gather over the TP
+group puts the token slices together again."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from braid.distributed.comm import tensor_model_parallel_all_reduce
-from braid.distributed.parallel_state import get_tp_rank, get_tp_size
+from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+from braid.distributed.parallel_state import get_ep_group, get_layout, get_tp_rank, get_tp_size
 from braid.layers.linear import divide
 from braid.layers.moe.fused_moe_ref import fused_experts_ref
 from braid.layers.moe.routing import softmax_topk
@@ -35,17 +42,38 @@ class FusedMoE(nn.Module):
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.route = route or (lambda logits: softmax_topk(logits, top_k, renormalize))
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        self.inter = divide(intermediate_size, self.tp_size)
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.inter, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.inter), requires_grad=False)
+        layout = get_layout()
+        self.ep_size = layout.ep_size if layout.expert_parallel else 1
+        if self.ep_size > 1:
+            if num_experts % self.ep_size:
+                raise ValueError(f"--enable-expert-parallel: {self.ep_size} ranks do not divide {num_experts} experts")
+            from braid.layers.moe.dispatch import AllToAllDispatcher
+
+            local = num_experts // self.ep_size
+            self.first_expert = layout.ep_rank * local
+            self.inter = intermediate_size  # whole experts: no slicing
+            self.dispatcher = AllToAllDispatcher(get_ep_group(), self.ep_size, local)
+        else:
+            local, self.first_expert = num_experts, 0
+            self.inter = divide(intermediate_size, self.tp_size)
+        self.num_local_experts = local
+        self.w13_weight = nn.Parameter(torch.empty(local, 2 * self.inter, hidden_size), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(local, hidden_size, self.inter), requires_grad=False)
         for name in self.SHARDS:
             param = getattr(self, name)
             param.weight_loader = self.weight_loader
             param.expected_shards = {(shard, e) for shard in self.SHARDS[name] for e in range(num_experts)}
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
-        """Copy this rank's slice of one expert's HF tensor: gate/up [I, H] rows, down [H, I] columns."""
-        lo, hi = self.tp_rank * self.inter, (self.tp_rank + 1) * self.inter
+        """Copy this rank's slice of one expert's HF tensor: gate/up [I, H] rows, down [H, I] columns
+        (whole tensors under expert parallelism, where other ranks' experts are skipped)."""
+        expert_id -= self.first_expert
+        if not 0 <= expert_id < self.num_local_experts:
+            return  # another EP rank's expert
+        if self.ep_size > 1:
+            lo, hi = 0, self.inter
+        else:
+            lo, hi = self.tp_rank * self.inter, (self.tp_rank + 1) * self.inter
         if shard_id in ("w1", "w3"):
             part = loaded[lo:hi]
             dst = param[expert_id, : self.inter] if shard_id == "w1" else param[expert_id, self.inter:]
@@ -60,10 +88,30 @@ class FusedMoE(nn.Module):
             dst.copy_(part)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.ep_size > 1:
+            return self._forward_expert_parallel(hidden_states, router_logits)
         topk_weights, topk_ids = self.route(router_logits)
         out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
 
+    def _forward_expert_parallel(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        per_rank = -(-num_tokens // self.tp_size)  # this TP rank's slice of the (shared) tokens
+        lo = min(num_tokens, self.tp_rank * per_rank)
+        hi = min(num_tokens, lo + per_rank)
+        topk_weights, topk_ids = self.route(router_logits[lo:hi])
+        arrived, _ = self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights)
+        # Each arrived row is one pair: its expert, weighted by the router.
+        out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
+                                 arrived.expert_ids[:, None])
+        part, _ = self.dispatcher.combine(out_rows, arrived)
+        part = part.to(x.dtype)
+        if self.tp_size == 1:
+            return part
+        padded = part.new_zeros((per_rank, part.shape[1]))
+        padded[: hi - lo] = part
+        return tensor_model_parallel_all_gather(padded, dim=0)[:num_tokens]
+
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, top_k={self.top_k}, intermediate={self.inter} (tp {self.tp_size}), "
-                f"renormalize={self.renormalize}")
+        return (f"experts={self.num_experts} ({self.num_local_experts} here, ep {self.ep_size}), top_k={self.top_k}, "
+                f"intermediate={self.inter} (tp {self.tp_size}), renormalize={self.renormalize}")

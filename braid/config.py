@@ -36,6 +36,16 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
     return _DTYPES[dtype]
 
 
+def kv_cache_geometry(hf_config) -> tuple[int, int]:
+    """(KV heads, width of one cached entry) of a model. Multi-head latent attention
+    (DeepSeek-V2) caches one compressed entry per token: the latent plus the rotary part."""
+    c = hf_config
+    if getattr(c, "kv_lora_rank", None):
+        return 1, c.kv_lora_rank + c.qk_rope_head_dim
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # a Hugging Face folder or a .gguf file
@@ -52,13 +62,12 @@ class ModelConfig:
 
     @property
     def num_kv_heads(self) -> int:
-        c = self.hf_config
-        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return kv_cache_geometry(self.hf_config)[0]
 
     @property
     def head_dim(self) -> int:
-        c = self.hf_config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        """Width of one cached K (and V) entry."""
+        return kv_cache_geometry(self.hf_config)[1]
 
     @property
     def vocab_size(self) -> int:

@@ -27,6 +27,10 @@ intermediate 128, max_position_embeddings 1024.
 - qwen3: q/k norms, explicit head_dim=32 (q width 128 != hidden 64), tied embeddings.
 - qwen3_moe: qwen3's attention (untied head), every layer a mixture of 8 experts
   (moe_intermediate_size 32), top-2, renormalised (mlp_only_layers makes some dense).
+- deepseek_v2: multi-head latent attention (kv_lora_rank 32, rope 16, nope 16, v 24,
+  no q compression; q_lora_rank=24 adds it), 3 layers, the first dense, then 8 routed
+  experts top-2 plus 1 shared expert, greedy routing (topk_method/n_group/topk_group
+  overrides give group-limited routing).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2")
 
 TOKENIZER_VOCAB_SIZE = 384
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -129,6 +133,13 @@ def tiny_config(arch: str, **overrides: Any):
         common.update(tie_word_embeddings=False, head_dim=32, use_sliding_window=False, attention_bias=False,
                       rope_theta=10000.0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[])
+    elif arch == "deepseek_v2":
+        cls, name = transformers.DeepseekV2Config, "DeepseekV2ForCausalLM"
+        common.update(tie_word_embeddings=False, num_hidden_layers=3, num_key_value_heads=4, q_lora_rank=None,
+                      kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, head_dim=16,
+                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                      first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=1.0,
+                      norm_topk_prob=False, rope_theta=10000.0, attention_bias=False)
     else:
         cls, name = transformers.Qwen3Config, "Qwen3ForCausalLM"
         common.update(tie_word_embeddings=True, head_dim=32, use_sliding_window=False, attention_bias=False, rope_theta=10000.0)

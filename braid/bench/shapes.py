@@ -16,6 +16,24 @@ SHAPES = {
         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
         hidden_act="silu", torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001),
+    # DeepSeek-V2-Lite's public config, without its yarn rope scaling (not implemented;
+    # with random weights it changes no cost).
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, routed_scaling_factor=1.0,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
+        head_dim=64, topk_method="greedy", n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=False,
+        vocab_size=102400, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16", bos_token_id=100000,
+        eos_token_id=100001, attention_bias=False),
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16",
+        bos_token_id=151643, eos_token_id=151645, attention_bias=False, use_sliding_window=False),
     "smollm2-135m": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576, intermediate_size=1536,
         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,

@@ -165,7 +165,7 @@ class EngineArgs:
             raise ValueError(f"--pp-layer-partition {self.pp_layer_partition} must sum to the model's "
                              f"{hf_config.num_hidden_layers} layers")
         if self.enable_expert_parallel:
-            from braid.models.qwen3_moe import num_experts_of
+            from braid.models.moe_weights import num_experts_of
 
             experts = num_experts_of(hf_config)
             if not experts:

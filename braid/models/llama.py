@@ -117,11 +117,10 @@ def dense_mlp(config: Any, layer_idx: int) -> nn.Module:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, switches: dict,
-                 mlp: nn.Module) -> None:
+    def __init__(self, config: Any, layer_idx: int, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, **switches)
+        self.self_attn = self_attn
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -146,8 +145,13 @@ class PPMissingLayer(nn.Module):
         raise RuntimeError("this layer belongs to another pipeline stage")
 
 
+def llama_attention(config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, switches: dict) -> nn.Module:
+    return LlamaAttention(config, layer_idx, rotary_emb, **switches)
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, layer_switches: list[dict], make_mlp=dense_mlp) -> None:
+    def __init__(self, config: Any, layer_switches: list[dict], make_mlp=dense_mlp,
+                 make_attention=llama_attention) -> None:
         super().__init__()
         self.config = config
         self.vocab_size = config.vocab_size
@@ -156,7 +160,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = get_rope_from_config(config, head_dim_of(config))
         self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, layer_switches[i], make_mlp(config, i))
+            LlamaDecoderLayer(config, i, make_attention(config, i, self.rotary_emb, layer_switches[i]),
+                              make_mlp(config, i))
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -209,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         switches = [self._layer_switches(hf_config, i) for i in range(hf_config.num_hidden_layers)]
-        self.model = LlamaModel(hf_config, switches, self._make_mlp)
+        self.model = LlamaModel(hf_config, switches, self._make_mlp, self._make_attention)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
@@ -238,6 +243,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _make_mlp(self, config: Any, layer_idx: int) -> nn.Module:
         return dense_mlp(config, layer_idx)
+
+    def _make_attention(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, switches: dict) -> nn.Module:
+        return llama_attention(config, layer_idx, rotary_emb, switches)
 
     def _expert_weight(self, name: str) -> tuple[str, str, int] | None:
         """(parameter, shard id, expert id) when `name` is one expert's tensor of a fused MoE."""

@@ -4,7 +4,6 @@ in place of the dense MLP. Layers listed in config.mlp_only_layers, or off the
 config.decoder_sparse_step grid, keep a dense MLP."""
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -13,14 +12,8 @@ from torch import nn
 from braid.layers.linear import ReplicatedLinear
 from braid.layers.moe.layer import FusedMoE
 from braid.models.llama import dense_mlp
+from braid.models.moe_weights import expert_weight_target, num_experts_of
 from braid.models.qwen3 import Qwen3ForCausalLM
-
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_SHARD = {"gate_proj": ("w13_weight", "w1"), "up_proj": ("w13_weight", "w3"), "down_proj": ("w2_weight", "w2")}
-
-
-def num_experts_of(config: Any) -> int:
-    return getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
 
 
 class Qwen3MoeSparseBlock(nn.Module):
@@ -42,8 +35,4 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         return Qwen3MoeSparseBlock(config) if sparse else dense_mlp(config, layer_idx)
 
     def _expert_weight(self, name: str) -> tuple[str, str, int] | None:
-        m = _EXPERT.match(name)
-        if m is None:
-            return None
-        param, shard = _SHARD[m.group(3)]
-        return f"{m.group(1)}.{param}", shard, int(m.group(2))
+        return expert_weight_target(name)

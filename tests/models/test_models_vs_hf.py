@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from braid.config import ModelConfig
+from braid.config import ModelConfig, kv_cache_geometry
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
 from braid.layers.attention.metadata import build_attention_metadata
@@ -37,8 +37,7 @@ class PagedRunner:
     def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int = 128, block_size: int = BLOCK_SIZE, seed: int = 0):
         self.model = model
         self.block_size = block_size
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        kv_heads, head_dim = kv_cache_geometry(hf_config)
         shape = kv_cache_shape(num_blocks, block_size, kv_heads, head_dim)
         # NaN-filled: reading a slot that was never written poisons the output.
         self.kv_caches = [torch.full(shape, float("nan")) for _ in range(hf_config.num_hidden_layers)]
@@ -134,6 +133,10 @@ ARCH_CASES = [
     pytest.param("qwen3_moe", {}, False, id="qwen3-moe"),
     pytest.param("qwen3_moe", {"mlp_only_layers": [0], "norm_topk_prob": False, "num_hidden_layers": 3}, True,
                  id="qwen3-moe-dense-first-unnormalised-sharded"),
+    pytest.param("deepseek_v2", {}, False, id="deepseek-v2-lite-like"),
+    pytest.param("deepseek_v2", {"q_lora_rank": 24, "topk_method": "group_limited_greedy", "n_group": 4,
+                                 "topk_group": 2, "routed_scaling_factor": 2.0}, False,
+                 id="deepseek-v2-q-lora-grouped-routing"),
     pytest.param(
         "llama",
         {

@@ -1,0 +1,140 @@
+"""Data parallelism (--data-parallel-size N): N model replicas, each with its own
+scheduler and KV cache (one engine core per DP rank), driven in lockstep.
+
+A mixture-of-experts layer is collective over every DP rank (its all-to-all moves
+tokens between replicas), so when any rank has work every rank runs the step: a rank
+with nothing scheduled runs a dummy one-token batch that takes part in the collectives
+and reports nothing. When no rank has work, nobody steps. New requests go to the rank
+with the fewest unfinished requests (the coordinator); a request stays on its rank.
+
+All replicas' workers are ranks of one process group (rank = dp_rank * pp * tp + ...),
+started by one executor; each step sends every worker the list of the N scheduler
+outputs and each DP group runs its own.
+"""
+from __future__ import annotations
+
+import logging
+
+from braid.config import EngineConfig
+from braid.core.kv_cache_manager import KVCacheManager
+from braid.core.request import Request
+from braid.core.scheduler import Scheduler
+from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from braid.observe.trace import make_tracer
+
+logger = logging.getLogger(__name__)
+
+
+class CombinedKVView:
+    """The KV pools of every DP rank seen as one (block counts summed)."""
+
+    def __init__(self, managers: list[KVCacheManager]) -> None:
+        self.managers = managers
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(m.num_blocks for m in self.managers)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return sum(m.num_free_blocks for m in self.managers)
+
+    def reset_prefix_cache(self) -> bool:
+        return all([m.reset_prefix_cache() for m in self.managers])
+
+
+def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
+    n = len(stats)
+    return SchedulerStats(
+        num_running=sum(s.num_running for s in stats),
+        num_waiting=sum(s.num_waiting for s in stats),
+        kv_cache_usage=sum(s.kv_cache_usage for s in stats) / n,
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
+        num_preemptions=sum(s.num_preemptions for s in stats),
+        num_wasted_tokens=sum(s.num_wasted_tokens for s in stats),
+    )
+
+
+class DPEngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        from braid.engine.core import freeze_import_heap
+        from braid.executor.multiproc import MultiprocExecutor
+
+        freeze_import_heap()
+        self.config = config
+        self.dp_size = config.parallel.data_parallel_size
+        self.tracer = make_tracer(config.trace_dir, "engine-core")
+        self.executor = MultiprocExecutor(config, self.tracer)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.kv_managers = [KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+                            for _ in range(self.dp_size)]
+        self.schedulers = [Scheduler(config.scheduler, kv) for kv in self.kv_managers]
+        self.rank_of: dict[str, int] = {}  # request id -> its DP rank
+        self.num_dummy_steps = 0  # steps a rank ran with nothing scheduled (tests read it)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_managers[0].num_blocks
+
+    @property
+    def kv_cache_manager(self) -> CombinedKVView:
+        return CombinedKVView(self.kv_managers)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        rank = min(range(self.dp_size), key=lambda d: self.schedulers[d].num_unfinished())
+        self.rank_of[request.request_id] = rank
+        self.schedulers[rank].add_request(Request(request, self.config.cache.block_size))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        by_rank: dict[int, list[str]] = {}
+        for req_id in request_ids:
+            rank = self.rank_of.pop(req_id, None)
+            if rank is not None:
+                by_rank.setdefault(rank, []).append(req_id)
+        for rank, ids in by_rank.items():
+            self.schedulers[rank].abort_requests(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(s.has_unfinished_requests() for s in self.schedulers)
+
+    def make_stats(self) -> SchedulerStats:
+        return merge_stats([s.make_stats() for s in self.schedulers])
+
+    def step(self) -> EngineCoreOutputs:
+        with self.tracer.cpu_span("step"):
+            if not self.has_unfinished_requests():
+                return EngineCoreOutputs(outputs=[], stats=self.make_stats())
+            with self.tracer.cpu_span("schedule"):
+                outputs = [s.schedule() for s in self.schedulers]
+            if all(o.is_empty for o in outputs):
+                for s, o in zip(self.schedulers, outputs):
+                    s.defer(o)  # nothing to run anywhere; the ids go with the next batch
+                return EngineCoreOutputs(outputs=[], stats=self.make_stats())
+            self.num_dummy_steps += sum(o.is_empty for o in outputs)
+            pending = self.executor.execute_model_dp(outputs)
+            reported = []
+            for scheduler, so, per_rank in zip(self.schedulers, outputs, pending):
+                with self.tracer.cpu_span("wait_output"):
+                    runner_output = per_rank.result()
+                with self.tracer.cpu_span("process_outputs"):
+                    reported += scheduler.update_from_output(so, runner_output).outputs
+            for out in reported:
+                if out.finish_reason is not None:
+                    self.rank_of.pop(out.request_id, None)
+            return EngineCoreOutputs(outputs=reported, stats=self.make_stats())
+
+    def kill_workers(self) -> None:
+        self.executor.kill_workers()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+        self.tracer.close()

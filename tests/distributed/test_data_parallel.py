@@ -1,0 +1,75 @@
+"""Data parallelism (--data-parallel-size) over worker processes, gloo on CPU: two
+replicas, each with its own scheduler and KV cache, stepping together. With expert
+parallelism on the MoE models (experts spread over both replicas, tokens moved by
+all-to-all) and on a dense model, greedy tokens equal one device; a rank with nothing
+to do keeps stepping with dummy batches (no deadlock), a load skewed onto one rank
+completes, and every rank's KV pool is full afterwards."""
+import pytest
+
+from braid import LLM, SamplingParams
+from braid.engine.arg_utils import EngineArgs
+from tests.engine.conftest import assert_pool_full
+from tests.tiny_checkpoints import make_tiny_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+PROMPTS = [[1, 17, 250, 33, 99, 5, 300, 42, 7], [1, 45, 9, 310, 27], [3, 4, 5], list(range(3, 40)),
+           [7, 7, 8, 9, 100, 200], [11, 12]]
+
+
+def _generate(llm, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _check_dp(model, **parallel):
+    # Skewed: the even requests (which the balancer puts on rank 0) run 6x longer.
+    params = [SamplingParams(temperature=0, max_tokens=24 if i % 2 == 0 else 4, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    want = _generate(LLM(model, kv_cache_memory="64MiB"), PROMPTS, params)
+    llm = LLM(model, kv_cache_memory="64MiB", data_parallel_size=2, **parallel)
+    core = llm.llm_engine.engine_core
+    try:
+        assert type(core).__name__ == "DPEngineCore"
+        ranks = []
+        add = core.add_request
+
+        def recording(request):
+            add(request)
+            ranks.append(core.rank_of[request.request_id])
+
+        core.add_request = recording
+        assert _generate(llm, PROMPTS, params) == want
+        assert sorted(set(ranks)) == [0, 1]  # both replicas had requests
+        assert core.num_dummy_steps > 0      # rank 1 idled while rank 0's long requests ran
+        assert all(kv.num_free_blocks == kv.num_blocks for kv in core.kv_managers)
+        # One request: the other replica only ever runs dummy steps.
+        dummies = core.num_dummy_steps
+        assert _generate(llm, PROMPTS[:1], params[:1]) == want[:1]
+        assert core.num_dummy_steps - dummies >= 23
+        assert_pool_full(llm)
+    finally:
+        core.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_dp2_with_expert_parallel_equals_single_device(tmp_path, arch):
+    _check_dp(make_tiny_checkpoint(arch, tmp_path / arch), enable_expert_parallel=True)
+
+
+def test_dp2_x_tp2_moe_and_dp2_dense(tmp_path):
+    _check_dp(make_tiny_checkpoint("qwen3_moe", tmp_path / "moe"), tensor_parallel_size=2,
+              enable_expert_parallel=True)
+    _check_dp(make_tiny_checkpoint("llama", tmp_path / "llama"))
+
+
+def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
+    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    for extra, flag in (({"async_scheduling": True}, "--async-scheduling"),
+                        ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
+                        ({"num_scheduler_steps": 4}, "--num-scheduler-steps"),
+                        ({"distributed_executor_backend": "ray"}, "--distributed-executor-backend")):
+        with pytest.raises(ValueError, match=f"--data-parallel-size 2 with {flag}"):
+            EngineArgs(model=model, data_parallel_size=2, **extra).create_engine_config()
+    with pytest.raises(ValueError, match="--data-parallel-size must be >= 1"):
+        EngineArgs(model=model, data_parallel_size=0).create_engine_config()

@@ -26,26 +26,56 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
+def _attention_params(cfg: dict) -> tuple[int, int]:
+    """(attention matmul parameters per layer, KV-cache bytes per token per layer) in bf16."""
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("kv_lora_rank"):  # multi-head latent attention: one compressed entry per token
+        r, rope, nope, v = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+        params = h * heads * (nope + rope) + h * (r + rope) + r * heads * (nope + v) + heads * v * h
+        return params, 2 * (r + rope)
+    head_dim = cfg.get("head_dim") or h // heads
+    kv_heads = cfg["num_key_value_heads"]
+    return h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h, 2 * 2 * kv_heads * head_dim
+
+
+def _mlp_params(cfg: dict, batch: int) -> tuple[float, float]:
+    """(MLP parameters read per step for `batch` tokens, MLP parameters used per token), summed over layers.
+    MoE layers read the experts the batch touches (expected distinct of E drawn k at a time)."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    experts = cfg.get("num_experts") or cfg.get("n_routed_experts") or 0
+    dense = 3 * h * cfg["intermediate_size"]
+    if not experts:
+        return layers * dense, layers * dense
+    k, inter = cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    shared = 3 * h * inter * (cfg.get("n_shared_experts") or 0) + h * experts  # + the router
+    touched = experts * (1 - (1 - k / experts) ** batch)
+    num_dense = cfg.get("first_k_dense_replace") or len(cfg.get("mlp_only_layers") or [])
+    num_moe = layers - num_dense
+    read = num_dense * dense + num_moe * (shared + touched * 3 * h * inter)
+    used = num_dense * dense + num_moe * (shared + k * 3 * h * inter)
+    return read, used
+
+
 def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wave: int, bw: float,
              flops: float) -> dict:
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    head_dim = h // cfg["num_attention_heads"]
-    kv_heads, inter = cfg["num_key_value_heads"], cfg["intermediate_size"]
-    per_layer = h * (h + 2 * kv_heads * head_dim) + h * h + 3 * h * inter  # qkv, o, gate/up/down
-    matmul_params = layers * per_layer + h * vocab  # + LM head
-    weight_bytes = 2 * (matmul_params + layers * 2 * h + h)  # + norms; embedding rows are gathered, not read whole
-    kv_per_token = 2 * layers * 2 * kv_heads * head_dim
-    # Prefill: 2 FLOPs per parameter per token (LM head only for the last token) + causal attention.
-    prefill_flops = num_requests * (2 * layers * per_layer * prompt_len + 2 * h * vocab
+    attn_params, kv_layer_bytes = _attention_params(cfg)
+    kv_per_token = layers * kv_layer_bytes
+    other_bytes = 2 * (layers * (attn_params + 2 * h) + h * vocab + h)  # + norms, LM head; embedding rows gathered
+    _, mlp_used = _mlp_params(cfg, 1)
+    per_token_params = layers * attn_params + mlp_used
+    # Prefill: 2 FLOPs per parameter used per token (LM head only for the last token) + causal attention.
+    prefill_flops = num_requests * (2 * per_token_params * prompt_len + 2 * h * vocab
                                     + layers * 2 * 2 * h * prompt_len * prompt_len / 2)
     decode_s = 0.0
     for start in range(0, num_requests, wave):
         batch = min(wave, num_requests - start)
+        weight_bytes = other_bytes + 2 * _mlp_params(cfg, batch)[0]
         for k in range(1, output_len):  # the first token comes out of the prefill
             decode_s += (weight_bytes + batch * (prompt_len + k) * kv_per_token) / bw
     prefill_s = prefill_flops / flops
     return dict(prefill_flops=prefill_flops, prefill_s=prefill_s, decode_s=decode_s, floor_s=prefill_s + decode_s,
-                wave=wave, weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token)
+                wave=wave, weight_bytes=other_bytes + 2 * _mlp_params(cfg, wave)[0], kv_bytes_per_token=kv_per_token)
 
 
 def braid_variant(engine: str) -> dict | None:
@@ -56,7 +86,8 @@ def braid_variant(engine: str) -> dict | None:
     if parts[0] != "braid":
         return None
     options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1,
-                   max_concurrent_batches=None, enforce_eager=False)
+                   max_concurrent_batches=None, enforce_eager=False, data_parallel_size=1,
+                   enable_expert_parallel=False)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
@@ -70,6 +101,10 @@ def braid_variant(engine: str) -> dict | None:
             options["max_concurrent_batches"] = int(part[8:])
         elif part == "eager":
             options["enforce_eager"] = True
+        elif part.startswith("dp") and part[2:].isdigit():
+            options["data_parallel_size"] = int(part[2:])
+        elif part == "ep":
+            options["enable_expert_parallel"] = True
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
@@ -78,14 +113,16 @@ def braid_variant(engine: str) -> dict | None:
 def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enforce_eager: bool,
               trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1,
               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-              max_concurrent_batches: int | None = None) -> dict:
+              max_concurrent_batches: int | None = None, data_parallel_size: int = 1,
+              enable_expert_parallel: bool = False) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
               trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
               tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-              max_concurrent_batches=max_concurrent_batches)
+              max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
+              enable_expert_parallel=enable_expert_parallel)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -109,7 +146,8 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
                 output_tokens_per_s=out_tokens / elapsed, preemptions=preemptions, enforce_eager=enforce_eager,
                 async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
-                max_concurrent_batches=max_concurrent_batches, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
+                max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
+                enable_expert_parallel=enable_expert_parallel, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:

@@ -159,12 +159,16 @@ class ParallelConfig:
     pp_layer_partition: tuple[int, ...] | None = None
     # MoE experts sharded whole over the EP group (DP x TP ranks), tokens moved by all-to-all.
     enable_expert_parallel: bool = False
+    # Model replicas, each with its own scheduler and KV cache, stepping together.
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
         if self.distributed_executor_backend not in ("uni", "mp", "ray"):
             raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, "
                              f"got {self.distributed_executor_backend!r}")
@@ -183,8 +187,14 @@ class ParallelConfig:
         return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
     @property
+    def output_ranks(self) -> list[int]:
+        """Each DP replica's output rank, by DP rank."""
+        replica = self.tensor_parallel_size * self.pipeline_parallel_size
+        return [d * replica + self.output_rank for d in range(self.data_parallel_size)]
+
+    @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.data_parallel_size * self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

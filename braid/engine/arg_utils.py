@@ -60,6 +60,7 @@ class EngineArgs:
     max_concurrent_batches: int | None = None
     pp_layer_partition: str | None = None
     enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     trace_dir: str | None = None
 
@@ -97,6 +98,9 @@ class EngineArgs:
                             help="with --num-scheduler-steps: report each pass's tokens as they land")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                            help="model replicas, each with its own scheduler and KV cache, stepping together "
+                                 "(MoE layers exchange tokens between them with --enable-expert-parallel)")
         parser.add_argument("--enable-expert-parallel", action="store_true",
                             help="MoE models: shard whole experts over the ranks and move tokens to them by "
                                  "all-to-all (instead of slicing every expert)")
@@ -119,7 +123,7 @@ class EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def _parallel_config(self) -> ParallelConfig:
-        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        world = self.tensor_parallel_size * self.pipeline_parallel_size * max(1, self.data_parallel_size)
         backend = self.distributed_executor_backend or ("mp" if world > 1 else "uni")
         partition = None
         if self.pp_layer_partition:
@@ -129,7 +133,7 @@ class EngineArgs:
                 raise ValueError(f"--pp-layer-partition must be comma-separated layer counts, e.g. 15,17; "
                                  f"got {self.pp_layer_partition!r}") from None
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend, partition,
-                              self.enable_expert_parallel)
+                              self.enable_expert_parallel, self.data_parallel_size)
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -164,15 +168,22 @@ class EngineArgs:
         if parallel.pp_layer_partition and sum(parallel.pp_layer_partition) != hf_config.num_hidden_layers:
             raise ValueError(f"--pp-layer-partition {self.pp_layer_partition} must sum to the model's "
                              f"{hf_config.num_hidden_layers} layers")
+        dp = self.data_parallel_size
+        if dp > 1:
+            for flag, on in (("--async-scheduling", self.async_scheduling), ("--pipeline-parallel-size", pp > 1),
+                             ("--num-scheduler-steps", self.num_scheduler_steps > 1),
+                             ("--distributed-executor-backend", parallel.distributed_executor_backend != "mp")):
+                if on:
+                    raise ValueError(f"--data-parallel-size {dp} with {flag} is not supported yet")
         if self.enable_expert_parallel:
             from braid.models.moe_weights import num_experts_of
 
             experts = num_experts_of(hf_config)
             if not experts:
                 raise ValueError("--enable-expert-parallel needs a mixture-of-experts model")
-            if experts % tp:
-                raise ValueError(f"--enable-expert-parallel: the expert-parallel size {tp} must divide the "
-                                 f"model's {experts} experts")
+            if experts % (dp * tp):
+                raise ValueError(f"--enable-expert-parallel: the expert-parallel size {dp * tp} (data x tensor "
+                                 f"parallel) must divide the model's {experts} experts")
         if pp > 1 and self.num_scheduler_steps > 1:
             raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
                              "the next pass's input would have to travel from the last stage to the first")

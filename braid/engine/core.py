@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _import_heap_frozen = False
 
 
-def _freeze_import_heap() -> None:
+def freeze_import_heap() -> None:
     """Exempt what exists at the first engine's start (torch, transformers: ~1M objects)
     from the cyclic garbage collector. A full collection over them stalled W1's steps for
     ~300 ms each time. Once per process, before the model is built, so later engines'
@@ -42,7 +42,7 @@ def _freeze_import_heap() -> None:
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        _freeze_import_heap()
+        freeze_import_heap()
         self.config = config
         self.tracer = make_tracer(config.trace_dir, "engine-core")
         backend = config.parallel.distributed_executor_backend
@@ -146,6 +146,18 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
 
+    def make_stats(self):
+        return self.scheduler.make_stats()
+
     def shutdown(self) -> None:
         self.executor.shutdown()
         self.tracer.close()
+
+
+def make_engine_core(config: EngineConfig):
+    """One engine core, or one per data-parallel replica driven together."""
+    if config.parallel.data_parallel_size > 1:
+        from braid.engine.dp_core import DPEngineCore
+
+        return DPEngineCore(config)
+    return EngineCore(config)

@@ -103,7 +103,7 @@ class EngineCoreProc:
                 self._stats_stale = False
             elif running and self._stats_stale:
                 # Idle after an abort (or any message): no step will report the freed blocks.
-                self._send(ser.OUTPUTS, EngineCoreOutputs(stats=self.core.scheduler.make_stats()))
+                self._send(ser.OUTPUTS, EngineCoreOutputs(stats=self.core.make_stats()))
                 self._stats_stale = False
 
     def close(self) -> None:
@@ -129,10 +129,10 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
                         format="%(levelname)s braid-core: %(message)s")
     proc = None
     try:
-        from braid.engine.core import EngineCore
+        from braid.engine.core import make_engine_core
 
         config = engine_args.create_engine_config()
-        core = EngineCore(config)
+        core = make_engine_core(config)
         proc = EngineCoreProc(core, input_addr, output_addr)
         info = ser.ReadyInfo(core.num_blocks, config.cache.block_size, config.scheduler.max_model_len)
         ready_pipe.send_bytes(b"".join([ser.READY, b"\0", ser.encode(ser.READY, info)[1]]))

@@ -7,7 +7,7 @@ import logging
 
 from braid.config import EngineConfig
 from braid.engine.arg_utils import EngineArgs
-from braid.engine.core import EngineCore
+from braid.engine.core import make_engine_core
 from braid.engine.input_processor import InputProcessor, PromptType
 from braid.engine.messages import EngineCoreRequest, SchedulerStats
 from braid.engine.output_processor import OutputProcessor
@@ -34,7 +34,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.model, config.model.tokenizer)
         eos = get_eos_token_ids(config.model.model, config.model.hf_config, self.tokenizer)
-        self.engine_core = EngineCore(config)
+        self.engine_core = make_engine_core(config)
         self.input_processor = InputProcessor(
             self.tokenizer, config.model.max_model_len, config.model.vocab_size, eos)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -42,6 +42,7 @@ def _codec():
     enc = msgspec.msgpack.Encoder()
     decoders = {
         "execute_model": msgspec.msgpack.Decoder(SchedulerOutput),
+        "execute_model_dp": msgspec.msgpack.Decoder(list[SchedulerOutput]),
         "determine_num_blocks": msgspec.msgpack.Decoder(None),
         "initialize_kv_cache": msgspec.msgpack.Decoder(int),
         "shutdown": msgspec.msgpack.Decoder(None),
@@ -142,14 +143,20 @@ class MultiprocExecutor:
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> list["PendingReply"]:
         self._broadcast("execute_model", scheduler_output)
-        return [PendingReply(self) for _ in range(scheduler_output.num_steps)]
+        return [PendingReply(self, self.output_rank) for _ in range(scheduler_output.num_steps)]
+
+    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list["PendingReply"]:
+        """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
+        empty); one pending reply per replica."""
+        self._broadcast("execute_model_dp", scheduler_outputs)
+        return [PendingReply(self, rank) for rank in self.config.parallel.output_ranks]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         (reply,) = self.execute_model_async(scheduler_output)
         return reply.result()
 
-    def next_output(self) -> ModelRunnerOutput:
-        return self._reply_decoder.decode(self._recv(self.output_rank))
+    def next_output(self, rank: int) -> ModelRunnerOutput:
+        return self._reply_decoder.decode(self._recv(rank))
 
     def kill_workers(self) -> None:
         for proc in self.procs:
@@ -182,16 +189,17 @@ class MultiprocExecutor:
 
 
 class PendingReply:
-    """One pass's tokens from the output rank. Replies arrive in launch order; the engine core
-    reads them in that order, so each result() takes the next one off the pipe."""
+    """One pass's tokens from an output rank. Replies arrive in launch order; the engine core
+    reads them in that order, so each result() takes the next one off that rank's pipe."""
 
-    def __init__(self, executor: MultiprocExecutor) -> None:
+    def __init__(self, executor: MultiprocExecutor, rank: int) -> None:
         self._executor = executor
+        self._rank = rank
         self._result: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
         if self._result is None:
-            self._result = self._executor.next_output()
+            self._result = self._executor.next_output(self._rank)
         return self._result
 
 
@@ -215,13 +223,16 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_p
         # Launches happen here; a second thread waits for each pass's tokens and replies.
         passes: queue.Queue = queue.Queue()
         threading.Thread(target=report_passes, daemon=True, name="braid-worker-replies",
-                         args=(passes, deliver if rank == config.parallel.output_rank else None, on_error)).start()
+                         args=(passes, deliver if rank in config.parallel.output_ranks else None, on_error)).start()
+        replica = config.parallel.world_size // config.parallel.data_parallel_size
         while True:
             method, body = _split(calls.dequeue())
             payload = decoders[method].decode(body)
             if method == "shutdown":
                 tracer.close()
                 break
+            if method == "execute_model_dp":  # this replica's part of a data-parallel step
+                method, payload = "execute_model", payload[rank // replica]
             if method == "execute_model":
                 for pending in worker.execute_model_async(payload):
                     passes.put(pending)

@@ -9,7 +9,7 @@ import torch
 
 from braid.config import EngineConfig
 from braid.distributed.comm import pp_recv, pp_recv_into, pp_send
-from braid.distributed.parallel_state import get_pp_size, is_first_pp_stage, is_last_pp_stage
+from braid.distributed.parallel_state import get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
@@ -174,6 +174,8 @@ class ModelRunner:
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
+            if get_layout().dp_size > 1:
+                self._dummy_forward()  # the other replicas' MoE collectives need this one too
             return [AsyncModelRunnerOutput.empty()]
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
@@ -230,6 +232,16 @@ class ModelRunner:
             for state in states:
                 state.num_computed_tokens += 1
         return outputs
+
+    def _dummy_forward(self) -> None:
+        """One token through the model that writes no KV (slot -1) and samples nothing: a
+        data-parallel replica with nothing scheduled still takes part in every collective."""
+        md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
+        md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
+        zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+        with self.tracer.cpu_span("dummy_batch"), set_forward_context(
+                ForwardContext(md, self.kv_caches, self.attn_backend)):
+            self._compute(zeros, zeros)
 
     def _forward_eager(self, batch, stage_input=None):
         with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):

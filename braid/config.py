@@ -61,6 +61,11 @@ class ModelConfig:
         return self.hf_config.num_hidden_layers
 
     @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek-V2): one compressed cache entry per token."""
+        return bool(getattr(self.hf_config, "kv_lora_rank", None))
+
+    @property
     def num_kv_heads(self) -> int:
         return kv_cache_geometry(self.hf_config)[0]
 

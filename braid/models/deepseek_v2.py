@@ -8,9 +8,10 @@ Attention runs in the latent space ("absorbed" form): each head's q_nope is mapp
 through that head's key up-projection (W_kb) into latent space, so its score
 against a cached entry is q_lat . c + q_pe . k_pe, and the head's output is the
 softmax-weighted sum of c mapped through its value up-projection (W_vb). That is
-the same arithmetic as HF's expand-then-attend, reordered. The cache stores
-[c | k_pe] as both the K and the V entry (the paged attention kernels read K and V
-of one width); a single-plane cache is future work.
+the same arithmetic as HF's expand-then-attend, reordered. The attention kernels
+read [c | k_pe] as both the K and the V entry (the first kv_lora_rank dims of the
+output are the weighted latent); the model runner stores it once (its V plane is a
+stride-0 view of the K plane).
 
 DeepSeek rotates (q_pe, k_pe) as interleaved pairs (2i, 2i+1). Taking the even then
 the odd dimensions turns that into the rotate-half layout the rotary kernel

@@ -71,9 +71,14 @@ class ModelRunner:
         total, tp = self.config.model.num_kv_heads, get_tp_size()
         return 1 if tp >= total else total // tp
 
+    @property
+    def kv_planes(self) -> int:
+        """K and V planes stored: 2, or 1 under MLA, whose cached entry is both K and V."""
+        return 1 if self.config.model.is_mla else 2
+
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
-        per_layer = 2 * self.block_size * self.num_kv_heads * m.head_dim
+        per_layer = self.kv_planes * self.block_size * self.num_kv_heads * m.head_dim
         start, end = self.layer_range  # a pipeline stage caches its own layers only
         return per_layer * (end - start) * torch.tensor([], dtype=m.dtype).element_size()
 
@@ -81,11 +86,13 @@ class ModelRunner:
         m = self.config.model
         shape = kv_cache_shape(num_blocks, self.block_size, self.num_kv_heads, m.head_dim)
         start, end = self.layer_range
-        whole = torch.zeros((end - start, *shape), dtype=m.dtype, device=self.device)
+        # Under MLA the V plane is the K plane (stride 0): one compressed entry per token.
+        whole = torch.zeros((end - start, self.kv_planes, *shape[1:]), dtype=m.dtype, device=self.device)
+        whole = whole.expand(end - start, *shape)
         # Indexed by global layer id; other stages' layers have no cache here.
         self.kv_caches = [None] * start + list(whole.unbind(0)) + [None] * (m.num_layers - end)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
-                    whole.numel() * whole.element_size() / 2**30)
+                    whole.untyped_storage().nbytes() / 2**30)
         if self.use_cuda_graphs:
             sched = self.config.scheduler
             stage_input = None if is_first_pp_stage() else (m.hf_config.hidden_size, m.dtype)

@@ -74,6 +74,16 @@ def _init_dist(rank: int, world_size: int, init_file: str) -> None:
     )
 
 
+def _mark_ok(out_dir: str, rank: int) -> None:
+    with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
+        f.write("ok")
+
+
+def _assert_all_ok(out_dir, world_size: int) -> None:
+    for r in range(world_size):
+        assert os.path.exists(os.path.join(out_dir, f"ok{r}")), f"rank {r} did not finish its checks"
+
+
 def _teardown() -> None:
     import torch.distributed as dist
 
@@ -219,8 +229,7 @@ def _collectives_worker(rank: int, world_size: int, init_file: str, tp_size: int
         assert ps.get_layout() == ps.ParallelLayout() and ps.get_tp_group() is None
         z = torch.ones(2)
         assert tensor_model_parallel_all_reduce(z) is z  # identity again
-        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
+        _mark_ok(out_dir, rank)
     finally:
         _teardown()
 
@@ -228,8 +237,7 @@ def _collectives_worker(rank: int, world_size: int, init_file: str, tp_size: int
 @pytest.mark.parametrize("world_size,tp_size", [(2, 2), (4, 2)], ids=["tp2", "tp2-pp2"])
 def test_groups_and_collectives(tmp_path, world_size, tp_size):
     _spawn(_collectives_worker, world_size, str(tmp_path / "dist_init"), tp_size, str(tmp_path))
-    for r in range(world_size):
-        assert (tmp_path / f"ok{r}").exists(), f"rank {r} did not finish its checks"
+    _assert_all_ok(tmp_path, world_size)
 
 
 def _dp_ep_worker(rank: int, world_size: int, init_file: str, dp_size: int, pp_size: int, out_dir: str) -> None:
@@ -253,8 +261,7 @@ def _dp_ep_worker(rank: int, world_size: int, init_file: str, dp_size: int, pp_s
             x = torch.tensor([float(2 ** rank)])
             dist.all_reduce(x, group=group)
             assert x.item() == sum(2 ** r for r in members)
-        with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
-            f.write("ok")
+        _mark_ok(out_dir, rank)
     finally:
         _teardown()
 
@@ -262,8 +269,7 @@ def _dp_ep_worker(rank: int, world_size: int, init_file: str, dp_size: int, pp_s
 @pytest.mark.parametrize("dp_size,pp_size", [(2, 1), (2, 2)], ids=["dp2-tp2", "dp2-pp2"])
 def test_dp_and_ep_groups(tmp_path, dp_size, pp_size):
     _spawn(_dp_ep_worker, 4, str(tmp_path / "dist_init"), dp_size, pp_size, str(tmp_path))
-    for r in range(4):
-        assert (tmp_path / f"ok{r}").exists(), f"rank {r} did not finish its checks"
+    _assert_all_ok(tmp_path, 4)
 
 
 def _failing_worker(rank: int, world_size: int, init_file: str) -> None:

@@ -5,10 +5,11 @@ never be a module global: each thread sees only the context it set.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +24,8 @@ class ForwardContext:
     # One tensor per decoder layer, indexed by the layer's global index.
     kv_caches: "list[torch.Tensor]"
     backend: "AttentionBackend"
+    # Eager traced forwards only: layers time their parts on it (see layer_span).
+    tracer: Any = None
 
 
 _local = threading.local()
@@ -43,3 +46,15 @@ def get_forward_context() -> ForwardContext:
     if ctx is None:
         raise RuntimeError("no forward context is set on this thread; run the model inside set_forward_context()")
     return ctx
+
+
+_NO_SPAN = contextlib.nullcontext()
+
+
+def layer_span(name: str):
+    """A GPU span around part of a layer (attention, MoE dispatch/experts/combine) when the
+    forward is traced; free otherwise. Never set for CUDA-graph captures."""
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None or ctx.tracer is None:
+        return _NO_SPAN
+    return ctx.tracer.gpu_span(name)

@@ -240,6 +240,11 @@ class ModelRunner:
                 state.num_computed_tokens += 1
         return outputs
 
+    @property
+    def _layer_tracer(self):
+        """Eager forwards on a traced GPU run time attention and MoE parts per layer."""
+        return self.tracer if self.tracer.enabled and self.device.type == "cuda" else None
+
     def _dummy_forward(self) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a
         data-parallel replica with nothing scheduled still takes part in every collective."""
@@ -247,11 +252,12 @@ class ModelRunner:
         md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
         zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
         with self.tracer.cpu_span("dummy_batch"), set_forward_context(
-                ForwardContext(md, self.kv_caches, self.attn_backend)):
+                ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer)):
             self._compute(zeros, zeros)
 
     def _forward_eager(self, batch, stage_input=None):
-        with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend)):
+        with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend,
+                                                self._layer_tracer)):
             return self._compute(batch.input_ids, batch.positions, *(stage_input or (None, None)))
 
     def _receive(self, num_tokens: int, use_graph: bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from braid.forward_context import get_forward_context
+from braid.forward_context import get_forward_context, layer_span
 
 
 class Attention(nn.Module):
@@ -30,13 +30,14 @@ class Attention(nn.Module):
         """q: [T, num_heads * head_dim], k/v: [T, num_kv_heads * head_dim] -> [T, num_heads * head_dim]."""
         ctx = get_forward_context()
         num_tokens = q.shape[0]
-        out = ctx.backend.forward(
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
-            v.view(num_tokens, self.num_kv_heads, self.head_dim),
-            ctx.kv_caches[self.layer_idx],
-            ctx.attn_metadata,
-            self.scale,
-            self.sliding_window,
-        )
+        with layer_span("attention"):
+            out = ctx.backend.forward(
+                q.view(num_tokens, self.num_heads, self.head_dim),
+                k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                v.view(num_tokens, self.num_kv_heads, self.head_dim),
+                ctx.kv_caches[self.layer_idx],
+                ctx.attn_metadata,
+                self.scale,
+                self.sliding_window,
+            )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -19,6 +19,7 @@ from torch import nn
 
 from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_ep_group, get_layout, get_tp_rank, get_tp_size
+from braid.forward_context import layer_span
 from braid.layers.linear import divide
 from braid.layers.moe.fused_moe_ref import fused_experts_ref
 from braid.layers.moe.routing import softmax_topk
@@ -91,8 +92,12 @@ class FusedMoE(nn.Module):
         if self.ep_size > 1:
             return self._forward_expert_parallel(hidden_states, router_logits)
         topk_weights, topk_ids = self.route(router_logits)
-        out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
-        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out
+        with layer_span("moe_experts"):
+            out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        if self.tp_size == 1:
+            return out
+        with layer_span("moe_all_reduce"):
+            return tensor_model_parallel_all_reduce(out)
 
     def _forward_expert_parallel(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -100,11 +105,14 @@ class FusedMoE(nn.Module):
         lo = min(num_tokens, self.tp_rank * per_rank)
         hi = min(num_tokens, lo + per_rank)
         topk_weights, topk_ids = self.route(router_logits[lo:hi])
-        arrived, _ = self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights)
+        with layer_span("moe_dispatch"):
+            arrived, _ = self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights)
         # Each arrived row is one pair: its expert, weighted by the router.
-        out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
-                                 arrived.expert_ids[:, None])
-        part, _ = self.dispatcher.combine(out_rows, arrived)
+        with layer_span("moe_experts"):
+            out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
+                                     arrived.expert_ids[:, None])
+        with layer_span("moe_combine"):
+            part, _ = self.dispatcher.combine(out_rows, arrived)
         part = part.to(x.dtype)
         if self.tp_size == 1:
             return part

@@ -1,0 +1,172 @@
+"""Dual-batch overlap's execution: two micro-batches on two threads, exactly one running
+on the CPU at a time, handing the turn over at the yield points the layers call.
+
+Each thread launches its micro-batch's work on one of two CUDA streams, compute or
+communication; the switch functions move a thread between them, ordering the work
+with GPU events so that dependencies hold only within a micro-batch. While micro-batch
+A's all-to-all runs on the communication stream, micro-batch B's compute is launched on
+the compute stream: the GPU overlaps them.
+
+Turn-taking: a thread waits on its own CPU event and wakes the other by setting the
+other's. A thread that finishes (or fails) passes the turn on for good, so the other
+never waits on it again; an error in either thread is raised to the caller after both
+have stopped. Each thread has its own forward context (forward_context is per thread).
+
+Receive hooks: a micro-batch that started an asynchronous receive registers the wait
+for it with `register_recv_hook`; the *other* micro-batch runs it at its next yield,
+just before handing the turn back, so the wait never blocks the thread that could be
+launching work meanwhile.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+_local = threading.local()
+
+
+class _Streams:
+    """The compute and communication streams (None on CPU: switches are no-ops)."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        on_gpu = device is not None and device.type == "cuda"
+        self.compute = torch.cuda.current_stream(device) if on_gpu else None
+        self.comm = torch.cuda.Stream(device) if on_gpu else None
+
+
+class UBatchContext:
+    def __init__(self, ubatch_id: int, group: "UBatchGroup") -> None:
+        self.id = ubatch_id
+        self.group = group
+        self.wake = threading.Event()
+        self.done = False
+        self.pending_hooks: list[Callable[[], Any]] = []
+        self.yields = 0  # counted so tests can check both micro-batches yield alike
+
+    @property
+    def other(self) -> "UBatchContext":
+        return self.group.contexts[1 - self.id]
+
+    # ---- turn-taking -----------------------------------------------------------------
+    def yield_(self) -> None:
+        """Let the other micro-batch run until it yields back (or finishes)."""
+        self.yields += 1
+        self._run_hooks()
+        if self.other.done:
+            return
+        self.wake.clear()
+        self.other.wake.set()
+        self.wake.wait()
+        if self.group.error is not None:  # the other micro-batch failed: unwind this one
+            raise _Aborted()
+
+    def register_recv_hook(self, hook: Callable[[], Any]) -> None:
+        """The other micro-batch runs `hook` (e.g. waits for this one's receive) at its next yield."""
+        if self.other.done:
+            hook()
+        else:
+            self.other.pending_hooks.append(hook)
+
+    def _run_hooks(self) -> None:
+        hooks, self.pending_hooks = self.pending_hooks, []
+        for hook in hooks:
+            hook()
+
+    # ---- streams ---------------------------------------------------------------------
+    def _switch(self, src, dst) -> None:
+        if src is None:
+            return
+        event = torch.cuda.Event()
+        event.record(src)
+        dst.wait_event(event)  # dst continues this micro-batch's work after src's
+        torch.cuda.set_stream(dst)
+
+    def switch_to_comm(self) -> None:
+        self._switch(self.group.streams.compute, self.group.streams.comm)
+
+    def switch_to_compute(self) -> None:
+        self._switch(self.group.streams.comm, self.group.streams.compute)
+
+    def yield_and_switch_from_compute_to_comm(self) -> None:
+        """Before a collective: capture the dependency on this micro-batch's compute, let the
+        other one launch its compute, then continue on the communication stream."""
+        streams = self.group.streams
+        event = None
+        if streams.compute is not None:
+            event = torch.cuda.Event()
+            event.record(streams.compute)
+        self.yield_()
+        if event is not None:
+            streams.comm.wait_event(event)
+            torch.cuda.set_stream(streams.comm)
+
+    def yield_and_switch_from_comm_to_compute(self) -> None:
+        """After a collective: the other micro-batch may launch meanwhile; this one's compute
+        then waits for its own communication only."""
+        streams = self.group.streams
+        event = None
+        if streams.comm is not None:
+            event = torch.cuda.Event()
+            event.record(streams.comm)
+        self.yield_()
+        if event is not None:
+            streams.compute.wait_event(event)
+            torch.cuda.set_stream(streams.compute)
+
+
+class _Aborted(BaseException):
+    """Unwinds a thread whose partner failed (the partner's error is the one raised)."""
+
+
+class UBatchGroup:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.streams = _Streams(device)
+        self.contexts = [UBatchContext(0, self), UBatchContext(1, self)]
+        self.error: BaseException | None = None
+
+    def run(self, fns: list[Callable[[], Any]]) -> list[Any]:
+        """Run fns[0] and fns[1] as micro-batches 0 and 1 (0 starts); return their results."""
+        if len(fns) != 2:
+            raise ValueError("dual-batch overlap runs exactly two micro-batches")
+        results: list[Any] = [None, None]
+        stream = torch.cuda.current_stream() if self.streams.compute is not None else None
+
+        def body(i: int) -> None:
+            ctx = self.contexts[i]
+            _local.ctx = ctx
+            if stream is not None:
+                torch.cuda.set_stream(stream)
+            try:
+                ctx.wake.wait()
+                if self.error is None:
+                    results[i] = fns[i]()
+            except _Aborted:
+                pass
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                if self.error is None:
+                    self.error = e
+            finally:
+                ctx.done = True
+                ctx._run_hooks()
+                ctx.other.wake.set()  # the turn passes on for good
+                _local.ctx = None
+
+        threads = [threading.Thread(target=body, args=(i,), name=f"braid-ubatch-{i}", daemon=True)
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        self.contexts[0].wake.set()
+        for t in threads:
+            t.join()
+        if stream is not None:
+            torch.cuda.set_stream(stream)
+        if self.error is not None:
+            raise self.error
+        return results
+
+
+def current_ubatch() -> UBatchContext | None:
+    """This thread's micro-batch (None outside dual-batch overlap): layers call its yields."""
+    return getattr(_local, "ctx", None)

@@ -1,6 +1,6 @@
 """`braid serve` with two data-parallel replicas and expert parallelism (tiny Qwen3-MoE,
 CPU): concurrent completions through the official openai client all finish with the
-single-device greedy text, the KV pool metrics count both replicas and are free after."""
+single-device greedy text, and the KV pools of both replicas are free afterwards."""
 import concurrent.futures
 
 import pytest

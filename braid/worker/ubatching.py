@@ -89,31 +89,25 @@ class UBatchContext:
     def switch_to_compute(self) -> None:
         self._switch(self.group.streams.comm, self.group.streams.compute)
 
-    def yield_and_switch_from_compute_to_comm(self) -> None:
-        """Before a collective: capture the dependency on this micro-batch's compute, let the
-        other one launch its compute, then continue on the communication stream."""
-        streams = self.group.streams
+    def _yield_and_switch(self, src, dst) -> None:
+        """Capture this micro-batch's work so far on `src`, let the other micro-batch run, then
+        continue on `dst` after that work (and after nothing of the other micro-batch's)."""
         event = None
-        if streams.compute is not None:
+        if src is not None:
             event = torch.cuda.Event()
-            event.record(streams.compute)
+            event.record(src)
         self.yield_()
         if event is not None:
-            streams.comm.wait_event(event)
-            torch.cuda.set_stream(streams.comm)
+            dst.wait_event(event)
+            torch.cuda.set_stream(dst)
+
+    def yield_and_switch_from_compute_to_comm(self) -> None:
+        """Before a collective: the other micro-batch launches its compute meanwhile."""
+        self._yield_and_switch(self.group.streams.compute, self.group.streams.comm)
 
     def yield_and_switch_from_comm_to_compute(self) -> None:
-        """After a collective: the other micro-batch may launch meanwhile; this one's compute
-        then waits for its own communication only."""
-        streams = self.group.streams
-        event = None
-        if streams.comm is not None:
-            event = torch.cuda.Event()
-            event.record(streams.comm)
-        self.yield_()
-        if event is not None:
-            streams.compute.wait_event(event)
-            torch.cuda.set_stream(streams.compute)
+        """After a collective: this micro-batch's compute then waits for its own communication only."""
+        self._yield_and_switch(self.group.streams.comm, self.group.streams.compute)
 
 
 class _Aborted(BaseException):

@@ -155,6 +155,26 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class OverlapConfig:
+    """Dual-batch overlap: a step of at least the threshold's tokens runs as two micro-batches
+    whose communication and compute overlap."""
+    enable_dbo: bool = False
+    dbo_decode_token_threshold: int = 32
+    dbo_prefill_token_threshold: int = 512
+    dbo_policy: str = "threshold"
+
+    def __post_init__(self) -> None:
+        if self.dbo_policy not in ("threshold", "auto"):
+            raise ValueError(f"--dbo-policy must be threshold or auto, got {self.dbo_policy!r}")
+        if self.dbo_policy == "auto":
+            raise ValueError("--dbo-policy auto is not implemented yet; use threshold")
+        for flag, value in (("--dbo-decode-token-threshold", self.dbo_decode_token_threshold),
+                            ("--dbo-prefill-token-threshold", self.dbo_prefill_token_threshold)):
+            if value < 2:
+                raise ValueError(f"{flag} must be >= 2 (a split needs a token on each side), got {value}")
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -209,5 +229,6 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: DeviceConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
     # Write a Chrome/Perfetto step timeline here (None: tracing off, at no cost).
     trace_dir: str | None = None

@@ -3,8 +3,9 @@
 Tensor-parallel layers call these and nothing else; with one TP rank they are
 identities (no torch.distributed needed). With tp_size > 1 they run over the
 TP process group from parallel_state (gloo on CPU, NCCL on GPU: whatever the
-group was created with). DBO's yield/switch hooks will wrap these functions,
-with no change in the layers.
+group was created with). Under dual-batch overlap every collective is where a
+micro-batch hands the turn to the other (`overlapped`): it yields before (moving to
+the communication stream) and after (back to compute), with no change in the layers.
 """
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import torch
 import torch.distributed as dist
 
 from braid.distributed.parallel_state import get_tp_group, get_tp_size
+from braid.worker.ubatching import current_ubatch
+
+
+def overlapped(collective):
+    """Run `collective()` at a dual-batch-overlap yield point (plainly outside DBO)."""
+    ubatch = current_ubatch()
+    if ubatch is None:
+        return collective()
+    ubatch.yield_and_switch_from_compute_to_comm()
+    out = collective()
+    ubatch.yield_and_switch_from_comm_to_compute()
+    return out
 
 
 def _tp_group_or_raise():
@@ -33,7 +46,7 @@ def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
     group = _tp_group_or_raise()
     if not x.is_contiguous():
         x = x.contiguous()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    overlapped(lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group))
     return x
 
 
@@ -52,10 +65,10 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     if dist.get_backend(group) == "nccl":
         # One flat buffer [tp, *x.shape], then move the rank axis next to dim.
         out = torch.empty((tp_size,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x, group=group)
+        overlapped(lambda: dist.all_gather_into_tensor(out, x, group=group))
         return out.movedim(0, dim).reshape(x.shape[:dim] + (tp_size * x.shape[dim],) + x.shape[dim + 1:])
     parts = [torch.empty_like(x) for _ in range(tp_size)]
-    dist.all_gather(parts, x, group=group)
+    overlapped(lambda: dist.all_gather(parts, x, group=group))
     return torch.cat(parts, dim=dim)
 
 

@@ -11,6 +11,7 @@ from braid.config import (
     LOAD_FORMATS,
     CacheConfig,
     DeviceConfig,
+    OverlapConfig,
     EngineConfig,
     ModelConfig,
     ParallelConfig,
@@ -61,6 +62,10 @@ class EngineArgs:
     pp_layer_partition: str | None = None
     enable_expert_parallel: bool = False
     data_parallel_size: int = 1
+    enable_dbo: bool = False
+    dbo_decode_token_threshold: int = 32
+    dbo_prefill_token_threshold: int = 512
+    dbo_policy: str = "threshold"
     distributed_executor_backend: str | None = None
     trace_dir: str | None = None
 
@@ -98,6 +103,12 @@ class EngineArgs:
                             help="with --num-scheduler-steps: report each pass's tokens as they land")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        parser.add_argument("--enable-dbo", action="store_true",
+                            help="dual-batch overlap: run large steps as two micro-batches whose collectives "
+                                 "overlap the other's compute")
+        parser.add_argument("--dbo-decode-token-threshold", type=int, default=32)
+        parser.add_argument("--dbo-prefill-token-threshold", type=int, default=512)
+        parser.add_argument("--dbo-policy", default="threshold", choices=["threshold", "auto"])
         parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                             help="model replicas, each with its own scheduler and KV cache, stepping together "
                                  "(MoE layers exchange tokens between them with --enable-expert-parallel)")
@@ -184,6 +195,8 @@ class EngineArgs:
             if experts % (dp * tp):
                 raise ValueError(f"--enable-expert-parallel: the expert-parallel size {dp * tp} (data x tensor "
                                  f"parallel) must divide the model's {experts} experts")
+        if self.enable_dbo and pp > 1:
+            raise ValueError("--enable-dbo with --pipeline-parallel-size > 1 is not supported yet")
         if pp > 1 and self.num_scheduler_steps > 1:
             raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
                              "the next pass's input would have to travel from the last stage to the first")
@@ -234,5 +247,7 @@ class EngineArgs:
             ),
             device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=self.enforce_eager),
             parallel=parallel,
+            overlap=OverlapConfig(self.enable_dbo, self.dbo_decode_token_threshold,
+                                  self.dbo_prefill_token_threshold, self.dbo_policy),
             trace_dir=self.trace_dir,
         )

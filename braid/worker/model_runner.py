@@ -9,7 +9,8 @@ import torch
 
 from braid.config import EngineConfig
 from braid.distributed.comm import pp_recv, pp_recv_into, pp_send
-from braid.distributed.parallel_state import get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage
+from braid.distributed.parallel_state import (
+    get_dp_group, get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage)
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
@@ -22,6 +23,8 @@ from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
 from braid.worker.multi_step import advance_decode_inputs
 from braid.worker.request_state import CachedRequestState
+from braid.worker.ubatch_split import agree_on_split, should_try_split, split_ubatches
+from braid.worker.ubatching import UBatchGroup
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class ModelRunner:
         self.prev_sampled_rows: dict[str, int] = {}
         # Sampled ids travel to the host on their own stream (see async_output).
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._ubatches: UBatchGroup | None = None  # dual-batch overlap's threads and streams
+        self.num_dbo_steps = 0
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -196,7 +201,8 @@ class ModelRunner:
             pending_src = self._pending_sources(host, req_ids)
             logits_indices = host.last_token_indices[rows]
         batch = None
-        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host)
+        dbo_split = self._dbo_split(host, num_tokens)
+        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host) and dbo_split is None
         with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=use_graph):
             # A later pipeline stage waits for the previous one outside its GPU span: the
             # timeline counts a stage busy only while it computes.
@@ -212,7 +218,10 @@ class ModelRunner:
                     if pending_src is not None:
                         batch.input_ids.index_copy_(0, batch.pending_dst,
                                                     self.prev_sampled.index_select(0, batch.pending_src))
-                    out = self._forward_eager(batch, stage_input)
+                    if dbo_split is not None:
+                        out = self._forward_dbo(batch, host, dbo_split)
+                    else:
+                        out = self._forward_eager(batch, stage_input)
                     logits_idx = batch.logits_indices
             hidden = self._send_on(out)
         outputs = [self._sample_and_send(states, req_ids, rows, seq_ends, hidden, logits_idx, host, num_tokens)]
@@ -245,9 +254,49 @@ class ModelRunner:
         """Eager forwards on a traced GPU run time attention and MoE parts per layer."""
         return self.tracer if self.tracer.enabled and self.device.type == "cuda" else None
 
+    # ---- dual-batch overlap ---------------------------------------------------------
+    def _dbo_split(self, host, num_tokens: list[int]):
+        """The two micro-batches of this step, or None: the threshold policy's wish, then every
+        data-parallel rank's vote (none splits unless all do)."""
+        overlap = self.config.overlap
+        if not overlap.enable_dbo:
+            return None
+        wants = should_try_split(host.num_tokens, host.max_query_len == 1, overlap.dbo_decode_token_threshold,
+                                 overlap.dbo_prefill_token_threshold)
+        split = split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
+        agreed, _ = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group)
+        return split if agreed else None
+
+    @property
+    def _dp_vote_group(self):
+        return get_dp_group() if get_layout().dp_size > 1 else None
+
+    def _forward_dbo(self, batch, host, split) -> torch.Tensor:
+        """The step as two micro-batches on two threads; each collective is a hand-over point
+        (distributed/comm.py), so one micro-batch's communication overlaps the other's compute."""
+        def micro_batch(mb):
+            def run():
+                tables = [row.tolist() for row in host.block_table[mb.req_start:mb.req_end]]
+                md = build_attention_metadata(list(mb.query_lens), list(mb.seq_lens), tables, self.block_size,
+                                              self.device)
+                with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer)):
+                    return self._compute(batch.input_ids[mb.token_start:mb.token_end],
+                                         batch.positions[mb.token_start:mb.token_end])
+            return run
+
+        if self._ubatches is None:
+            self._ubatches = UBatchGroup(self.device)
+        with self.tracer.cpu_span("dbo", tokens=host.num_tokens):
+            outs = self._ubatches.run([micro_batch(mb) for mb in split], require_equal_yields=True)
+        self.num_dbo_steps += 1
+        return torch.cat(outs)
+
     def _dummy_forward(self) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a
-        data-parallel replica with nothing scheduled still takes part in every collective."""
+        data-parallel replica with nothing scheduled still takes part in every collective
+        (and in the dual-batch-overlap vote, where it votes no)."""
+        if self.config.overlap.enable_dbo:
+            agree_on_split(False, 1, self._dp_vote_group)
         md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
         md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
         zeros = torch.zeros(1, dtype=torch.int64, device=self.device)

@@ -115,15 +115,21 @@ class _Aborted(BaseException):
 
 
 class UBatchGroup:
+    """Reusable: the streams are made once; each run() starts with fresh micro-batch state."""
+
     def __init__(self, device: torch.device | None = None) -> None:
         self.streams = _Streams(device)
-        self.contexts = [UBatchContext(0, self), UBatchContext(1, self)]
+        self.contexts: list[UBatchContext] = []
         self.error: BaseException | None = None
 
-    def run(self, fns: list[Callable[[], Any]]) -> list[Any]:
-        """Run fns[0] and fns[1] as micro-batches 0 and 1 (0 starts); return their results."""
+    def run(self, fns: list[Callable[[], Any]], require_equal_yields: bool = False) -> list[Any]:
+        """Run fns[0] and fns[1] as micro-batches 0 and 1 (0 starts); return their results.
+        require_equal_yields: the model's micro-batches must hand over at the same points
+        (their collectives pair up across ranks); a mismatch is an error, not a hang later."""
         if len(fns) != 2:
             raise ValueError("dual-batch overlap runs exactly two micro-batches")
+        self.contexts = [UBatchContext(0, self), UBatchContext(1, self)]
+        self.error = None
         results: list[Any] = [None, None]
         stream = torch.cuda.current_stream() if self.streams.compute is not None else None
 
@@ -158,6 +164,10 @@ class UBatchGroup:
             torch.cuda.set_stream(stream)
         if self.error is not None:
             raise self.error
+        yields = [c.yields for c in self.contexts]
+        if require_equal_yields and yields[0] != yields[1]:
+            raise RuntimeError(f"the micro-batches yielded {yields[0]} and {yields[1]} times: their collectives "
+                               f"do not pair up")
         return results
 
 

@@ -50,6 +50,8 @@ def test_alternate_one_at_a_time_and_return_results():
     order.clear()
     assert _run([micro(0, 4), micro(1, 1)]) == [0, 10]  # unequal yields still finish
     assert sorted(order) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    with pytest.raises(RuntimeError, match="yielded 2 and 1 times"):  # unless they must pair up
+        UBatchGroup().run([micro(0, 2), micro(1, 1)], require_equal_yields=True)
 
 
 def test_recv_hook_runs_on_the_other_thread_at_its_next_yield():

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+from braid.distributed.comm import overlapped, tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_ep_group, get_layout, get_tp_rank, get_tp_size
 from braid.forward_context import layer_span
 from braid.layers.linear import divide
@@ -106,13 +106,13 @@ class FusedMoE(nn.Module):
         hi = min(num_tokens, lo + per_rank)
         topk_weights, topk_ids = self.route(router_logits[lo:hi])
         with layer_span("moe_dispatch"):
-            arrived, _ = self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights)
+            arrived, _ = overlapped(lambda: self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights))
         # Each arrived row is one pair: its expert, weighted by the router.
         with layer_span("moe_experts"):
             out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
                                      arrived.expert_ids[:, None])
         with layer_span("moe_combine"):
-            part, _ = self.dispatcher.combine(out_rows, arrived)
+            part, _ = overlapped(lambda: self.dispatcher.combine(out_rows, arrived))
         part = part.to(x.dtype)
         if self.tp_size == 1:
             return part

@@ -33,31 +33,27 @@ def test_dbo_one_device_with_a_cut_prefill(tmp_path):
     assert_pool_full(llm)
 
 
-@pytest.mark.distributed
-def test_dbo_tp2_dense_equals_off(tmp_path):
-    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+def _check_on_equals_off(model, trace_dir, world, **parallel):
     want = _generate(LLM(model, kv_cache_memory="64MiB"))
-    llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, trace_dir=str(tmp_path / "t"), **DBO)
+    llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), **parallel, **DBO)
     try:
         assert _generate(llm) == want
         assert_pool_full(llm)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    _assert_workers_split(tmp_path / "t", 2)
+    _assert_workers_split(trace_dir, world)
+
+
+@pytest.mark.distributed
+def test_dbo_tp2_dense_equals_off(tmp_path):
+    _check_on_equals_off(make_tiny_checkpoint("llama", tmp_path / "llama"), tmp_path / "t", 2,
+                         tensor_parallel_size=2)
 
 
 @pytest.mark.distributed
 def test_dbo_moe_dp2_ep_equals_off(tmp_path):
-    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
-    want = _generate(LLM(model, kv_cache_memory="64MiB"))
-    llm = LLM(model, kv_cache_memory="64MiB", data_parallel_size=2, enable_expert_parallel=True,
-              trace_dir=str(tmp_path / "t"), **DBO)
-    try:
-        assert _generate(llm) == want
-        assert_pool_full(llm)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    _assert_workers_split(tmp_path / "t", 2)
+    _check_on_equals_off(make_tiny_checkpoint("qwen3_moe", tmp_path / "moe"), tmp_path / "t", 2,
+                         data_parallel_size=2, enable_expert_parallel=True)
 
 
 def _assert_workers_split(trace_dir, world):

@@ -264,7 +264,7 @@ class ModelRunner:
         wants = should_try_split(host.num_tokens, host.max_query_len == 1, overlap.dbo_decode_token_threshold,
                                  overlap.dbo_prefill_token_threshold)
         split = split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
-        agreed, _ = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group)
+        agreed, _ = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group, self.device)
         return split if agreed else None
 
     @property
@@ -296,7 +296,7 @@ class ModelRunner:
         data-parallel replica with nothing scheduled still takes part in every collective
         (and in the dual-batch-overlap vote, where it votes no)."""
         if self.config.overlap.enable_dbo:
-            agree_on_split(False, 1, self._dp_vote_group)
+            agree_on_split(False, 1, self._dp_vote_group, self.device)
         md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
         md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
         zeros = torch.zeros(1, dtype=torch.int64, device=self.device)

@@ -66,15 +66,16 @@ def split_ubatches(query_lens: Sequence[int], seq_lens: Sequence[int],
     return None  # unreachable: cut < total
 
 
-def agree_on_split(wants_split: bool, num_tokens: int, group=None) -> tuple[bool, int]:
+def agree_on_split(wants_split: bool, num_tokens: int, group=None, device=None) -> tuple[bool, int]:
     """Every data-parallel rank's vote in one all-reduce: split only if all want to, and pad
-    to the largest rank's token count. Without a group (one rank) the vote stands."""
+    to the largest rank's token count. Without a group (one rank) the vote stands. `device`:
+    where the group's backend reduces (the GPU for NCCL, None for gloo)."""
     if group is None:
         return wants_split, num_tokens
     import torch
     import torch.distributed as dist
 
     # MAX of (1 - vote) is 0 only if every rank voted yes; MAX of the token counts.
-    votes = torch.tensor([0 if wants_split else 1, num_tokens], dtype=torch.int64)
+    votes = torch.tensor([0 if wants_split else 1, num_tokens], dtype=torch.int64, device=device)
     dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
     return bool(votes[0] == 0), int(votes[1])

@@ -209,6 +209,8 @@ def main() -> None:
                     raise ValueError(f"--engines: unknown engine {engine!r}")
             except Exception as e:  # noqa: BLE001 - record the failure, keep the other engine's numbers
                 runs.append(dict(error=f"{type(e).__name__}: {e}"))
+            gc.collect()  # a failed run's engine must not hold the GPU's memory for the next
+            torch.cuda.empty_cache()
             write_result(args.out, {**result, "runs": {**result["runs"], engine: runs}})
         result["runs"][engine] = runs
     write_result(args.out, result)

@@ -13,7 +13,7 @@ import triton
 from braid.layers.attention.metadata import AttentionMetadata
 from braid.layers.attention.triton_cache_write import write_kv_cache_triton
 from braid.layers.attention.triton_decode_attention import split_kv_decode_attention
-from braid.layers.attention.triton_unified_attention import unified_attention
+from braid.layers.attention.triton_unified_attention import unified_attention, wide_head_tiles
 
 # Split-KV decode pays a second launch and fp32 scratch traffic; it wins when one
 # program per (request, kv head) leaves most SMs idle. H100 profile (Llama-3-8B shape,
@@ -70,14 +70,17 @@ class TritonBackend:
                 splits = choose_num_splits(1, metadata.num_reqs, num_kv_heads)
         else:
             splits = 1
+        tiles = wide_head_tiles(q.shape[-1], q.dtype)
         if splits > 1:
             split_kv_decode_attention(
                 out, q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
-                splits, scale, sliding_window,
+                splits, scale, sliding_window, **tiles,
             )  # fmt: skip
         else:
+            if tiles:  # one query row tile: a wide [BLOCK_M, HEAD_DIM] block must stay small
+                tiles["block_m"] = 16
             unified_attention(
                 out, q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
-                metadata.max_query_len, scale, sliding_window,
+                metadata.max_query_len, scale, sliding_window, **tiles,
             )  # fmt: skip
         return out

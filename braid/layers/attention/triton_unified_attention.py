@@ -201,6 +201,14 @@ def head_dim_pad(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def wide_head_tiles(head_dim: int, dtype: torch.dtype) -> dict:
+    """Heads padded to 512+ (MLA's 576-wide latent + rotary entries pad to 1024) need small
+    key tiles, few pipeline stages and more warps to fit shared memory and registers."""
+    if head_dim_pad(head_dim) >= 512:
+        return dict(tile_n=16, num_warps=8, num_stages=2 if dtype.itemsize <= 2 else 1)
+    return {}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs would otherwise run as TF32 (10-bit mantissa) on NVIDIA GPUs.
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -49,37 +49,40 @@ def _moe_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _block_m(num_pairs: int, num_experts: int) -> int:
-    # Few pairs per expert (decode): small tiles waste less padding.
-    return 16 if num_pairs <= 2 * num_experts * 16 else 64
+def default_config(num_pairs: int, num_experts: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile shape for one fused-experts call (benchmarks/moe_kernel.py sweeps the others)."""
+    stages = 4 if dtype.itemsize <= 2 else 2  # fp32 tiles take twice the shared memory
+    if num_pairs <= 2 * num_experts * 16:  # few pairs per expert (decode): small tiles pad less
+        return dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=stages)
+    return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=stages)
 
 
-def _gemm(a, b, c, sorted_ids, block_expert, a_row_div, weights, block_m):
+def _gemm(a, b, c, sorted_ids, block_expert, a_row_div, weights, config):
     num_pairs = c.shape[0]
     n, k = b.shape[1], b.shape[2]
-    block_n, block_k = 64, 32
-    grid = (block_expert.numel(), triton.cdiv(n, block_n))
+    grid = (block_expert.numel(), triton.cdiv(n, config["block_n"]))
     _moe_gemm_kernel[grid](
         a, b, c, weights if weights is not None else c, sorted_ids, block_expert,
         n, k, num_pairs, a_row_div,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         MUL_WEIGHT=weights is not None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=config["block_m"], BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
 
 def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                         topk_ids: torch.Tensor) -> torch.Tensor:
-    """Same contract as fused_experts_ref."""
+                         topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """Same contract as fused_experts_ref; `config` overrides the tile shape (default_config)."""
     num_tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     num_pairs = num_tokens * top_k
-    block_m = _block_m(num_pairs, num_experts)
-    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    config = config or default_config(num_pairs, num_experts, x.dtype)
+    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, config["block_m"])
     gate_up = torch.empty((num_pairs, 2 * inter), dtype=x.dtype, device=x.device)
-    _gemm(x, w13, gate_up, sorted_ids, block_expert, top_k, None, block_m)
+    _gemm(x, w13, gate_up, sorted_ids, block_expert, top_k, None, config)
     h = SiluAndMul()(gate_up)
     # Pairs of other ranks' experts are never written: they must add nothing.
     out = torch.zeros((num_pairs, w2.shape[1]), dtype=torch.float32, device=x.device)
-    _gemm(h, w2, out, sorted_ids, block_expert, 1, topk_weights.reshape(-1).float().contiguous(), block_m)
+    _gemm(h, w2, out, sorted_ids, block_expert, 1, topk_weights.reshape(-1).float().contiguous(), config)
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)

@@ -174,3 +174,15 @@ def test_gpu_large(dtype, num_heads, num_kv_heads, head_dim, sliding_window, blo
         scale = head_dim**-0.5
         for splits in (None, 1, 16):  # heuristic choice, never split, always split decode-only batches
             run_both(batch, TritonBackend(num_kv_splits=splits), scale, sliding_window, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_wide_heads_fit(dtype):
+    """MLA's absorbed attention: 16 heads over one 576-wide latent + rotary entry (padded to
+    1024), decode and prefill, within the GPU's shared memory."""
+    for i, (query_lens, seq_lens) in enumerate(_gpu_cases()):
+        batch = make_paged_batch(query_lens, seq_lens, 16, 1, 576, 16, dtype=dtype, device="cuda", seed=30 + i)
+        for splits in (None, 1, 16):
+            run_both(batch, TritonBackend(num_kv_splits=splits), 576**-0.5, None, dtype)

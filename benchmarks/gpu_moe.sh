@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# Issue 7 on GPUs: MoE GPU tests, the fused-experts kernel against its floor, then W1-style
-# throughput of the MoE shapes on one GPU and with DP x EP over the GPUs given (2 or 4).
-# Usage: benchmarks/gpu_moe.sh [NUM_GPUS]
+# Issue 7 with DP x EP on 2 or 4 GPUs: W1-style throughput of both MoE shapes (256 x 512/256,
+# dummy bf16), traced, with the step's GPU time split into attention, dispatch, experts and
+# combine (EP runs eagerly). One GPU: benchmarks/gpu_moe1.sh.
+# Usage: benchmarks/gpu_moe.sh NUM_GPUS [NUM_PROMPTS]
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-n=${1:-1}
+n=$1
+prompts=${2:-256}
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-timeout 200 python -m pytest tests/models/test_gpu_moe_models.py tests/layers/moe -m "gpu or not gpu" -q \
-  -p no:cacheprovider --tb=short 2>&1 | grep -E "^E |Error|passed|failed" | tail -8
-timeout 150 python benchmarks/moe_kernel.py --out "$out/moe_kernel.json" 2>&1 | tail -14
-engines=braid
-[ "$n" -ge 2 ] && engines=$engines,braid-dp2-ep
-[ "$n" -ge 4 ] && engines=$engines,braid-dp4-ep
 for shape in deepseek-v2-lite qwen3-30b-a3b; do
-  timeout 600 python benchmarks/w1_throughput.py --shape $shape --engines $engines --num-prompts 256 \
-    --out "$out/w1_${shape}_${n}gpu.json" 2>&1 | grep -E "floor|braid|rror" | grep -v Warning
+  timeout 280 python benchmarks/w1_throughput.py --shape $shape --engines braid-dp$n-ep --num-prompts $prompts \
+    --trace-dir /tmp/trace_${shape}_$n --out "$out/w1_${shape}_dp${n}ep.json" 2>&1 | grep -E "floor|braid|rror" | grep -v Warning
+  python benchmarks/span_split.py "$out/w1_${shape}_dp${n}ep.json"
 done

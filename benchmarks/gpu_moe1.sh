@@ -14,12 +14,5 @@ timeout 120 python benchmarks/moe_kernel.py --out "$out/moe_kernel.json" 2>&1 | 
 for shape in deepseek-v2-lite qwen3-30b-a3b; do
   timeout 150 python benchmarks/w1_throughput.py --shape $shape --engines braid,braid-eager --num-prompts $n \
     --trace-dir /tmp/trace_$shape --out "$out/w1_${shape}_1gpu.json" 2>&1 | grep -E "floor|braid|rror" | grep -v Warning
-  python - "$out/w1_${shape}_1gpu.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-for eng, runs in r["runs"].items():
-    for run in runs:
-        names = ((run.get("trace_summary") or {}).get("gpu") or {}).get("span_names") or {}
-        print(eng, {k: round(v["total_ms"]) for k, v in names.items()})
-PY
+  python benchmarks/span_split.py "$out/w1_${shape}_1gpu.json"
 done

@@ -87,7 +87,7 @@ def braid_variant(engine: str) -> dict | None:
         return None
     options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1,
                    max_concurrent_batches=None, enforce_eager=False, data_parallel_size=1,
-                   enable_expert_parallel=False)
+                   enable_expert_parallel=False, enable_dbo=False)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
@@ -105,6 +105,8 @@ def braid_variant(engine: str) -> dict | None:
             options["data_parallel_size"] = int(part[2:])
         elif part == "ep":
             options["enable_expert_parallel"] = True
+        elif part == "dbo":
+            options["enable_dbo"] = True
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
@@ -114,7 +116,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
               trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1,
               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
               max_concurrent_batches: int | None = None, data_parallel_size: int = 1,
-              enable_expert_parallel: bool = False) -> dict:
+              enable_expert_parallel: bool = False, enable_dbo: bool = False) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
@@ -122,7 +124,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
               trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
               tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
               max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
-              enable_expert_parallel=enable_expert_parallel)
+              enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -147,7 +149,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
                 async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                 max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
-                enable_expert_parallel=enable_expert_parallel, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
+                enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:

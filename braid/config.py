@@ -174,6 +174,9 @@ class OverlapConfig:
                 raise ValueError(f"{flag} must be >= 2 (a split needs a token on each side), got {value}")
 
 
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "all_to_all")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
@@ -186,6 +189,10 @@ class ParallelConfig:
     enable_expert_parallel: bool = False
     # Model replicas, each with its own scheduler and KV cache, stepping together.
     data_parallel_size: int = 1
+    # How expert parallelism moves tokens: "allgather_reducescatter" (every rank gathers all
+    # ranks' tokens, padded to one size: static shapes, CUDA graphs) or "all_to_all" (each
+    # pair to its expert's rank only; sizes from the host, eager).
+    all2all_backend: str = "allgather_reducescatter"
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -194,6 +201,9 @@ class ParallelConfig:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
         if self.data_parallel_size < 1:
             raise ValueError(f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise ValueError(f"--all2all-backend must be one of {', '.join(ALL2ALL_BACKENDS)}, "
+                             f"got {self.all2all_backend!r}")
         if self.distributed_executor_backend not in ("uni", "mp", "ray"):
             raise ValueError(f"--distributed-executor-backend must be uni, mp or ray, "
                              f"got {self.distributed_executor_backend!r}")

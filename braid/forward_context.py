@@ -26,6 +26,10 @@ class ForwardContext:
     backend: "AttentionBackend"
     # Eager traced forwards only: layers time their parts on it (see layer_span).
     tracer: Any = None
+    # Expert parallelism over data-parallel replicas (all-gather exchange): the token count
+    # every replica pads its MoE inputs to this step (None: this forward's own count,
+    # as in a CUDA graph, whose size every replica shares).
+    dp_padded_tokens: int | None = None
 
 
 _local = threading.local()
@@ -46,6 +50,12 @@ def get_forward_context() -> ForwardContext:
     if ctx is None:
         raise RuntimeError("no forward context is set on this thread; run the model inside set_forward_context()")
     return ctx
+
+
+def dp_padded_tokens() -> int | None:
+    """This step's agreed MoE token count across data-parallel replicas, if one is set."""
+    ctx = getattr(_local, "ctx", None)
+    return None if ctx is None else ctx.dp_padded_tokens
 
 
 _NO_SPAN = contextlib.nullcontext()

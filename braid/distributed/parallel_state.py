@@ -38,6 +38,8 @@ class ParallelLayout:
     dp_size: int = 1
     # --enable-expert-parallel: MoE layers shard whole experts over the EP group.
     expert_parallel: bool = False
+    # --all2all-backend: how MoE layers move tokens over the EP group.
+    all2all_backend: str = "allgather_reducescatter"
 
     @property
     def ep_size(self) -> int:
@@ -149,7 +151,8 @@ def model_parallel_is_initialized() -> bool:
 
 def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = None,
                         pp_layer_partition: tuple[int, ...] | None = None, dp_size: int = 1,
-                        expert_parallel: bool = False) -> ParallelLayout:
+                        expert_parallel: bool = False,
+                        all2all_backend: str = "allgather_reducescatter") -> ParallelLayout:
     """Create the TP, PP, DP and EP groups over the initialised default process group
     and set this rank's layout. world_size must equal dp_size * pp_size * tp_size (see the
     module doc for the rank layout). `backend` (e.g. "gloo", "nccl") is passed to
@@ -194,7 +197,7 @@ def init_model_parallel(tp_size: int, pp_size: int = 1, backend: str | None = No
     _ep_group, _ep_ranks = make_groups([[rank_of(d, p, t) for d in dps for t in tps] for p in pps])
     _layout = ParallelLayout(tp_rank=tp_rank, tp_size=tp_size, pp_rank=pp_rank, pp_size=pp_size,
                              pp_layer_partition=pp_layer_partition, dp_rank=dp_rank, dp_size=dp_size,
-                             expert_parallel=expert_parallel)
+                             expert_parallel=expert_parallel, all2all_backend=all2all_backend)
     return _layout
 
 

@@ -61,6 +61,7 @@ class EngineArgs:
     max_concurrent_batches: int | None = None
     pp_layer_partition: str | None = None
     enable_expert_parallel: bool = False
+    all2all_backend: str = "allgather_reducescatter"
     data_parallel_size: int = 1
     enable_dbo: bool = False
     dbo_decode_token_threshold: int = 32
@@ -113,8 +114,12 @@ class EngineArgs:
                             help="model replicas, each with its own scheduler and KV cache, stepping together "
                                  "(MoE layers exchange tokens between them with --enable-expert-parallel)")
         parser.add_argument("--enable-expert-parallel", action="store_true",
-                            help="MoE models: shard whole experts over the ranks and move tokens to them by "
-                                 "all-to-all (instead of slicing every expert)")
+                            help="MoE models: shard whole experts over the ranks and move tokens to them "
+                                 "(instead of slicing every expert)")
+        parser.add_argument("--all2all-backend", default="allgather_reducescatter",
+                            choices=["allgather_reducescatter", "all_to_all"],
+                            help="expert parallelism's token exchange: allgather_reducescatter (static shapes, "
+                                 "CUDA graphs) or all_to_all (each token only to its experts' ranks; eager)")
         parser.add_argument("--pp-layer-partition", default=None,
                             help="layers per pipeline stage, comma separated, e.g. 15,17 (default: even)")
         parser.add_argument("--max-concurrent-batches", type=int, default=None,
@@ -144,7 +149,7 @@ class EngineArgs:
                 raise ValueError(f"--pp-layer-partition must be comma-separated layer counts, e.g. 15,17; "
                                  f"got {self.pp_layer_partition!r}") from None
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, backend, partition,
-                              self.enable_expert_parallel, self.data_parallel_size)
+                              self.enable_expert_parallel, self.data_parallel_size, self.all2all_backend)
 
     def _device(self) -> torch.device:
         if self.device == "auto":

@@ -43,6 +43,7 @@ def start_worker(rank: int, config: EngineConfig, init_method: str, cuda_index: 
     parallel_state.init_model_parallel(parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
                                        pp_layer_partition=parallel.pp_layer_partition,
                                        expert_parallel=parallel.enable_expert_parallel,
+                                       all2all_backend=parallel.all2all_backend,
                                        dp_size=parallel.data_parallel_size)
     # Each rank writes its own timeline (per-stage GPU busy under pipeline parallelism).
     tracer = make_tracer(config.trace_dir, f"worker-{rank}")

@@ -130,26 +130,37 @@ class DecodeCudaGraphs:
     def can_run(self, host: HostBatch) -> bool:
         return host.max_query_len == 1 and host.num_tokens == host.num_reqs <= self.max_batch_size
 
+    def bucket(self, num_reqs: int) -> int:
+        return next(s for s in self.sizes if s >= num_reqs)
+
+    def _pad_rows(self, start: int, size: int) -> None:
+        """Rows [start, size) of the staging buffers become padding: no KV write (slot -1),
+        one harmless cached slot to attend to."""
+        h = self.host
+        h["slot_mapping"][start:size] = -1
+        h["seq_lens"][start:size] = 1
+        h["block_table"][start:size] = 0
+
     def run(self, host: HostBatch, prev_sampled: torch.Tensor | None = None,
-            pending_src: np.ndarray | None = None):
-        """Replay the bucket that fits this decode batch; returns `compute`'s outputs for its B rows.
+            pending_src: np.ndarray | None = None, min_size: int = 0):
+        """Replay the bucket that fits this decode batch (and `min_size` rows: data-parallel
+        replicas under expert parallelism share one bucket); returns `compute`'s outputs for
+        its B rows.
 
         Input token host.pending_token_index[i] is prev_sampled[pending_src[i]] (async scheduling).
         A later pipeline stage has received its inputs into stage_input_rows(B) already."""
         b = host.num_reqs
-        size = next(s for s in self.sizes if s >= b)
+        size = self.bucket(max(b, min_size))
         if self._uploaded is not None:
             self._uploaded.synchronize()
         h = self.host
         h["input_ids"][:b] = host.input_ids
         h["positions"][:b] = host.positions
         h["slot_mapping"][:b] = host.slot_mapping
-        h["slot_mapping"][b:size] = -1  # padded rows write no KV
         h["seq_lens"][:b] = host.seq_lens
-        h["seq_lens"][b:size] = 1
         width = host.block_table.shape[1]
         h["block_table"][:b, :width] = host.block_table
-        h["block_table"][b:size] = 0
+        self._pad_rows(b, size)
         num_pending = len(host.pending_token_index)
         h["pending_dst"][:num_pending] = host.pending_token_index
         if num_pending:
@@ -165,10 +176,22 @@ class DecodeCudaGraphs:
         return tuple(t[:b] for t in out) if isinstance(out, tuple) else out[:b]
 
 
+    def run_idle(self, num_reqs: int) -> None:
+        """Replay the bucket for num_reqs rows on padding alone: a data-parallel replica with
+        nothing to run still joins the other replicas' MoE collectives, at their size."""
+        size = self.bucket(num_reqs)
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        self._pad_rows(0, size)
+        self.device_buffer.copy_(self.host_buffer, non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        self.graphs[size][0].replay()
+
     def run_next(self, sampled: torch.Tensor, num_reqs: int) -> torch.Tensor:
         """The next pass of a multi-step run over the batch of the last run(): every request's
         input becomes its sampled token one position on, advanced on the device; then replay."""
-        size = next(s for s in self.sizes if s >= num_reqs)
+        size = self.bucket(num_reqs)
         d = self.dev
         advance_decode_inputs(d["input_ids"], d["positions"], d["seq_lens"], d["slot_mapping"], d["block_table"],
                               sampled, num_reqs, self.block_size)

@@ -54,13 +54,27 @@ class ModelRunner:
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ubatches: UBatchGroup | None = None  # dual-batch overlap's threads and streams
         self.num_dbo_steps = 0
+        # Expert parallelism by all-gather over DP replicas: this step's agreed MoE token
+        # count (whole step; each DBO micro-batch), None when each forward uses its own.
+        self._dp_tokens: int | None = None
+        self._dbo_dp_tokens: int | None = None
 
     @property
     def use_cuda_graphs(self) -> bool:
         """Graphs need a CUDA device and the Triton backend (the torch reference reads host values);
-        expert parallelism runs eagerly for now (its all-to-all sizes come from the host)."""
+        expert parallelism's all-to-all runs eagerly (its split sizes come from the host)."""
+        parallel = self.config.parallel
         return (self.device.type == "cuda" and not self.config.device.enforce_eager
-                and self.attn_backend.name == "triton" and not self.config.parallel.enable_expert_parallel)
+                and self.attn_backend.name == "triton"
+                and not (parallel.enable_expert_parallel and parallel.all2all_backend == "all_to_all"))
+
+    @property
+    def _dp_pads_moe(self) -> bool:
+        """Expert parallelism over data-parallel replicas by all-gather: every replica's MoE
+        layers must see one token count per step, agreed on before the forward."""
+        parallel = self.config.parallel
+        return (parallel.data_parallel_size > 1 and parallel.enable_expert_parallel
+                and parallel.all2all_backend == "allgather_reducescatter")
 
     @property
     def layer_range(self) -> tuple[int, int]:
@@ -203,13 +217,14 @@ class ModelRunner:
         batch = None
         dbo_split = self._dbo_split(host, num_tokens)
         use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host) and dbo_split is None
+        use_graph, self._dp_tokens = self._agree_step_shape(host.num_tokens, use_graph)
         with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=use_graph):
             # A later pipeline stage waits for the previous one outside its GPU span: the
             # timeline counts a stage busy only while it computes.
             stage_input = self._receive(host.num_tokens, use_graph)
             with tracer.gpu_span("forward"):
                 if use_graph:
-                    out = self.cuda_graphs.run(host, self.prev_sampled, pending_src)
+                    out = self.cuda_graphs.run(host, self.prev_sampled, pending_src, min_size=self._dp_tokens or 0)
                     # A decode batch samples every row, in order: no gather needed.
                     every_row = len(rows) == host.num_tokens
                     logits_idx = None if every_row else pack_to_device([logits_indices], self.device)[0]
@@ -264,8 +279,25 @@ class ModelRunner:
         wants = should_try_split(host.num_tokens, host.max_query_len == 1, overlap.dbo_decode_token_threshold,
                                  overlap.dbo_prefill_token_threshold)
         split = split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
-        agreed, _ = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group, self.device)
+        agreed, most_tokens = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group, self.device)
+        # Each micro-batch holds at most half (rounded up) of its rank's tokens, so at most
+        # half of the largest rank's: the count every replica's MoE layers pad to.
+        self._dbo_dp_tokens = (most_tokens + 1) // 2 if self._dp_pads_moe else None
         return split if agreed else None
+
+    def _agree_step_shape(self, num_tokens: int, local_graph: bool) -> tuple[bool, int | None]:
+        """Under expert parallelism by all-gather over DP replicas: one all-reduce of (tokens,
+        graph wish) over the DP group; every replica then pads its MoE inputs to the largest
+        count and replays a CUDA graph only if all can (the same bucket everywhere).
+        Returns (use_graph, tokens to pad to or None)."""
+        if not self._dp_pads_moe:
+            return local_graph, None
+        import torch.distributed as dist
+
+        shape = torch.tensor([num_tokens, 0 if local_graph else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=get_dp_group())
+        most_tokens, no_graph = shape.tolist()
+        return no_graph == 0, most_tokens
 
     @property
     def _dp_vote_group(self):
@@ -279,7 +311,8 @@ class ModelRunner:
                 tables = [row.tolist() for row in host.block_table[mb.req_start:mb.req_end]]
                 md = build_attention_metadata(list(mb.query_lens), list(mb.seq_lens), tables, self.block_size,
                                               self.device)
-                with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer)):
+                with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer,
+                                                        self._dbo_dp_tokens)):
                     return self._compute(batch.input_ids[mb.token_start:mb.token_end],
                                          batch.positions[mb.token_start:mb.token_end])
             return run
@@ -294,19 +327,25 @@ class ModelRunner:
     def _dummy_forward(self) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a
         data-parallel replica with nothing scheduled still takes part in every collective
-        (and in the dual-batch-overlap vote, where it votes no)."""
+        (and in the dual-batch-overlap vote, where it votes no). Under expert parallelism
+        by all-gather it pads to the others' count, and replays their CUDA graph."""
         if self.config.overlap.enable_dbo:
             agree_on_split(False, 1, self._dp_vote_group, self.device)
+        use_graph, self._dp_tokens = self._agree_step_shape(1, self.cuda_graphs is not None)
+        if use_graph:
+            with self.tracer.cpu_span("dummy_batch", cuda_graph=True):
+                self.cuda_graphs.run_idle(self._dp_tokens)
+            return
         md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
         md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
         zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
         with self.tracer.cpu_span("dummy_batch"), set_forward_context(
-                ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer)):
+                ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer, self._dp_tokens)):
             self._compute(zeros, zeros)
 
     def _forward_eager(self, batch, stage_input=None):
         with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend,
-                                                self._layer_tracer)):
+                                                self._layer_tracer, self._dp_tokens)):
             return self._compute(batch.input_ids, batch.positions, *(stage_input or (None, None)))
 
     def _receive(self, num_tokens: int, use_graph: bool):

@@ -1,7 +1,7 @@
 """Data parallelism (--data-parallel-size) over worker processes, gloo on CPU: two
 replicas, each with its own scheduler and KV cache, stepping together. With expert
 parallelism on the MoE models (experts spread over both replicas, tokens moved by
-all-to-all) and on a dense model, greedy tokens equal one device; a rank with nothing
+all-gather + reduce-scatter or by all-to-all) and on a dense model, greedy tokens equal one device; a rank with nothing
 to do keeps stepping with dummy batches (no deadlock), a load skewed onto one rank
 completes, and every rank's KV pool is full afterwards."""
 import pytest
@@ -52,9 +52,10 @@ def _check_dp(model, **parallel):
         core.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
-def test_dp2_with_expert_parallel_equals_single_device(tmp_path, arch):
-    _check_dp(make_tiny_checkpoint(arch, tmp_path / arch), enable_expert_parallel=True)
+@pytest.mark.parametrize("arch,backend", [("qwen3_moe", "allgather_reducescatter"), ("qwen3_moe", "all_to_all"),
+                                          ("deepseek_v2", "allgather_reducescatter")])
+def test_dp2_with_expert_parallel_equals_single_device(tmp_path, arch, backend):
+    _check_dp(make_tiny_checkpoint(arch, tmp_path / arch), enable_expert_parallel=True, all2all_backend=backend)
 
 
 def test_dp2_x_tp2_moe_and_dp2_dense(tmp_path):

@@ -1,7 +1,8 @@
 """Expert parallelism with gloo ranks: FusedMoE with whole experts per rank, tokens
-moved by all-to-all, equals the single-device layer — with DP=2 (each rank its own
-tokens, EP group = both ranks), TP=2 (shared tokens, each TP rank dispatching its
-slice) and DP=2 x TP=2; the async dispatch/combine hooks give the same result."""
+moved by all-to-all or by all-gather + reduce-scatter, equals the single-device layer
+— with DP=2 (each rank its own tokens, EP group = both ranks), TP=2 (shared tokens,
+each TP rank dispatching its slice) and DP=2 x TP=2; the async dispatch/combine hooks
+give the same result."""
 import os
 
 import pytest
@@ -39,30 +40,44 @@ def _layer():
     return layer
 
 
-def _worker(rank, world_size, init_file, dp_size, out_dir):
+def _worker(rank, world_size, init_file, dp_size, out_dir, backend):
+    from braid.forward_context import ForwardContext, set_forward_context
+
     _init_dist(rank, world_size, init_file)
     try:
         tp_size = world_size // dp_size
-        layout = ps.init_model_parallel(tp_size, dp_size=dp_size, expert_parallel=True)
+        layout = ps.init_model_parallel(tp_size, dp_size=dp_size, expert_parallel=True, all2all_backend=backend)
         layer = _layer()
         assert layer.num_local_experts == E // world_size and layer.first_expert == layout.ep_rank * (E // world_size)
         gate, _ = _weights()
-        # 0 tokens on one replica: an idle rank still takes part in every all-to-all.
+        # 0 tokens on one replica: an idle rank still takes part in every exchange.
         x = _tokens(layout.dp_rank, [13, 0][layout.dp_rank] if dp_size == 2 and world_size == 2 else 13)
-        out = layer(x, x @ gate.t())
-        torch.save(out, os.path.join(out_dir, f"out{rank}.pt"))
+        # The replicas' agreed count (the model runner's DP vote): the all-gather pads to it.
+        with set_forward_context(ForwardContext(None, [], None, dp_padded_tokens=13)):
+            out = layer(x, x @ gate.t())
+            torch.save(out, os.path.join(out_dir, f"out{rank}.pt"))
         # The async form: hooks wait for the transfers.
         w, ids = layer.route(x @ gate.t())
-        arrived, wait = layer.dispatcher.dispatch(x, ids, w, async_op=True)
-        wait()
-        assert arrived.hidden.shape[0] == sum(arrived.recv_counts)
+        if backend == "all_to_all":
+            arrived, wait = layer.dispatcher.dispatch(x, ids, w, async_op=True)
+            wait()
+            assert arrived.hidden.shape[0] == sum(arrived.recv_counts)
+        else:
+            gathered, wait = layer.dispatcher.dispatch(x, ids, w, 13, async_op=True)
+            wait()
+            assert gathered.hidden.shape[0] == 13 * layout.ep_size
+            out_rows = gathered.hidden.float() * 0 + 1  # each rank adds 1 to every row
+            part, wait = layer.dispatcher.combine(out_rows, gathered, async_op=True)
+            wait()
+            assert part.shape[0] == x.shape[0] and bool((part == layout.ep_size).all())
     finally:
         _teardown()
 
 
+@pytest.mark.parametrize("backend", ["all_to_all", "allgather_reducescatter"])
 @pytest.mark.parametrize("world_size,dp_size", [(2, 2), (2, 1), (4, 2)], ids=["dp2", "tp2", "dp2-tp2"])
-def test_expert_parallel_equals_single_device(tmp_path, world_size, dp_size):
-    _spawn(_worker, world_size, str(tmp_path / "dist_init"), dp_size, str(tmp_path))
+def test_expert_parallel_equals_single_device(tmp_path, world_size, dp_size, backend):
+    _spawn(_worker, world_size, str(tmp_path / "dist_init"), dp_size, str(tmp_path), backend)
     ref = _layer()
     gate, _ = _weights()
     tp_size = world_size // dp_size

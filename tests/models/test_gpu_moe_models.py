@@ -36,3 +36,29 @@ def test_moe_models_match_hf_on_gpu(tmp_path, arch):
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("backend,eager", [("allgather_reducescatter", False), ("allgather_reducescatter", True),
+                                           ("all_to_all", True)])
+def test_dp2_expert_parallel_on_gpus_matches_one_gpu(tmp_path, backend, eager):
+    """DP=2 x EP over NCCL (the all-gather form replays CUDA graphs, an idle replica replaying
+    padding at the other's size) gives one GPU's greedy tokens; skewed lengths make one
+    replica idle for most steps."""
+    path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe", seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=24 if i % 2 == 0 else 4, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+
+    def run(**kw):
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", max_num_seqs=8, **kw)
+        try:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    want = run(enforce_eager=True)
+    assert run(enforce_eager=eager, data_parallel_size=2, enable_expert_parallel=True, all2all_backend=backend) == want

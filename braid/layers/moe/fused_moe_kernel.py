@@ -85,4 +85,4 @@ def fused_experts_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, t
     # Pairs of other ranks' experts are never written: they must add nothing.
     out = torch.zeros((num_pairs, w2.shape[1]), dtype=torch.float32, device=x.device)
     _gemm(h, w2, out, sorted_ids, block_expert, 1, topk_weights.reshape(-1).float().contiguous(), config)
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    return out.view(num_tokens, top_k, w2.shape[1]).sum(dim=1).to(x.dtype)

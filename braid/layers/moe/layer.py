@@ -7,9 +7,9 @@ dimension and the outputs are summed (all-reduce), as for a row-parallel MLP.
 
 Expert parallelism (--enable-expert-parallel): rank r of the EP group holds experts
 [r*E/ep, (r+1)*E/ep) whole. The TP ranks of a replica hold the same tokens, so each
-takes its slice of them, sends every (token, expert) pair to the expert's rank and
-gets the weighted outputs back (all-to-all, dispatch.py); an all-gather over the TP
-group puts the token slices together again."""
+takes its slice of them and exchanges it over the EP group (dispatch.py: all-gather +
+reduce-scatter, every replica padded to the step's agreed token count, or all-to-all);
+an all-gather over the TP group puts the token slices together again."""
 from __future__ import annotations
 
 from typing import Callable
@@ -19,7 +19,7 @@ from torch import nn
 
 from braid.distributed.comm import overlapped, tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_ep_group, get_layout, get_tp_rank, get_tp_size
-from braid.forward_context import layer_span
+from braid.forward_context import dp_padded_tokens, layer_span
 from braid.layers.linear import divide
 from braid.layers.moe.fused_moe_ref import fused_experts_ref
 from braid.layers.moe.routing import softmax_topk
@@ -48,12 +48,14 @@ class FusedMoE(nn.Module):
         if self.ep_size > 1:
             if num_experts % self.ep_size:
                 raise ValueError(f"--enable-expert-parallel: {self.ep_size} ranks do not divide {num_experts} experts")
-            from braid.layers.moe.dispatch import AllToAllDispatcher
+            from braid.layers.moe.dispatch import AllGatherDispatcher, AllToAllDispatcher
 
             local = num_experts // self.ep_size
             self.first_expert = layout.ep_rank * local
             self.inter = intermediate_size  # whole experts: no slicing
-            self.dispatcher = AllToAllDispatcher(get_ep_group(), self.ep_size, local)
+            self.gather_all = layout.all2all_backend == "allgather_reducescatter"
+            self.dispatcher = (AllGatherDispatcher(get_ep_group(), self.ep_size, local, self.first_expert)
+                               if self.gather_all else AllToAllDispatcher(get_ep_group(), self.ep_size, local))
         else:
             local, self.first_expert = num_experts, 0
             self.inter = divide(intermediate_size, self.tp_size)
@@ -101,24 +103,35 @@ class FusedMoE(nn.Module):
 
     def _forward_expert_parallel(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        per_rank = -(-num_tokens // self.tp_size)  # this TP rank's slice of the (shared) tokens
+        # Every replica's count this step (the all-gather needs one size on every EP rank).
+        padded = dp_padded_tokens() or num_tokens
+        per_rank = -(-padded // self.tp_size)  # this TP rank's slice of the (shared) tokens
         lo = min(num_tokens, self.tp_rank * per_rank)
         hi = min(num_tokens, lo + per_rank)
         topk_weights, topk_ids = self.route(router_logits[lo:hi])
-        with layer_span("moe_dispatch"):
-            arrived, _ = overlapped(lambda: self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights))
-        # Each arrived row is one pair: its expert, weighted by the router.
-        with layer_span("moe_experts"):
-            out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
-                                     arrived.expert_ids[:, None])
-        with layer_span("moe_combine"):
-            part, _ = overlapped(lambda: self.dispatcher.combine(out_rows, arrived))
+        if self.gather_all:
+            with layer_span("moe_dispatch"):
+                gathered, _ = overlapped(lambda: self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights, per_rank))
+            with layer_span("moe_experts"):
+                out_rows = fused_experts(gathered.hidden, self.w13_weight, self.w2_weight, gathered.topk_weights,
+                                         gathered.topk_ids)
+            with layer_span("moe_combine"):
+                part, _ = overlapped(lambda: self.dispatcher.combine(out_rows, gathered))
+        else:
+            with layer_span("moe_dispatch"):
+                arrived, _ = overlapped(lambda: self.dispatcher.dispatch(x[lo:hi], topk_ids, topk_weights))
+            # Each arrived row is one pair: its expert, weighted by the router.
+            with layer_span("moe_experts"):
+                out_rows = fused_experts(arrived.hidden, self.w13_weight, self.w2_weight, arrived.weights[:, None],
+                                         arrived.expert_ids[:, None])
+            with layer_span("moe_combine"):
+                part, _ = overlapped(lambda: self.dispatcher.combine(out_rows, arrived))
         part = part.to(x.dtype)
         if self.tp_size == 1:
             return part
-        padded = part.new_zeros((per_rank, part.shape[1]))
-        padded[: hi - lo] = part
-        return tensor_model_parallel_all_gather(padded, dim=0)[:num_tokens]
+        padded_part = part.new_zeros((per_rank, part.shape[1]))
+        padded_part[: hi - lo] = part
+        return tensor_model_parallel_all_gather(padded_part, dim=0)[:num_tokens]
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts} ({self.num_local_experts} here, ep {self.ep_size}), top_k={self.top_k}, "

@@ -1,0 +1,96 @@
+"""Dual-batch overlap step times (issue 8): a MoE shape (dummy bf16) with data parallelism
+x expert parallelism, decode at 64/128/256 tokens per rank and prefill at 4096 tokens per
+rank, DBO off and on.
+
+Decode step = (time to generate 1 + S tokens - time to generate 1) / S, every rank holding
+B requests; prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
+Medians of --repeats. Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
+traffic through host memory, as across machines).
+
+    python benchmarks/dbo_step.py --dp 2 --modes off,on --out $OUT/dbo_dp2.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import torch
+
+from braid.bench.run_info import run_info, write_result
+from braid.bench.shapes import SHAPES, write_shape
+
+
+def _timed(llm, prompts, max_tokens: int) -> float:
+    from braid import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - t0
+
+
+def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
+    from braid import LLM
+
+    tp = args.tp
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
+              max_num_batched_tokens=args.prefill, enable_prefix_caching=False, data_parallel_size=args.dp,
+              tensor_parallel_size=tp, enable_expert_parallel=args.dp * tp > 1 and args.ep,
+              enable_dbo=mode == "on", enforce_eager=args.eager)
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n: int, length: int):
+        return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+    _timed(llm, prompts(8 * args.dp, 32), 4)  # compile kernels
+    out = dict(mode=mode, decode={}, prefill=None)
+    for batch in map(int, args.decode.split(",")):
+        ps = prompts(batch * args.dp, 64)
+        one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
+        many = statistics.median(_timed(llm, ps, 1 + args.steps) for _ in range(args.repeats))
+        out["decode"][batch] = dict(step_ms=(many - one) / args.steps * 1e3, t1_s=one, tS_s=many)
+        print(f"{mode:>3} decode {batch:>4} tokens/rank: {out['decode'][batch]['step_ms']:.2f} ms/step", flush=True)
+    ps = prompts(8 * args.dp, args.prefill // 8)
+    out["prefill"] = dict(tokens_per_rank=args.prefill,
+                          step_ms=statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats)) * 1e3)
+    print(f"{mode:>3} prefill {args.prefill} tokens/rank: {out['prefill']['step_ms']:.2f} ms/step", flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="deepseek-v2-lite", choices=sorted(SHAPES))
+    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="1: expert parallelism over the DP x TP ranks")
+    p.add_argument("--modes", default="off,on")
+    p.add_argument("--decode", default="64,128,256")
+    p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (both modes)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    model_dir = write_shape(args.shape)
+    result = dict(benchmark="dbo_step", **run_info(), shape=args.shape, dp=args.dp, tp=args.tp, ep=bool(args.ep),
+                  eager=args.eager, nccl_p2p_disabled=os.environ.get("NCCL_P2P_DISABLE") == "1", runs=[])
+    for mode in args.modes.split(","):
+        try:
+            result["runs"].append(measure(model_dir, args, mode, SHAPES[args.shape]["vocab_size"]))
+        except Exception as e:  # noqa: BLE001 - keep the other mode's numbers
+            result["runs"].append(dict(mode=mode, error=f"{type(e).__name__}: {e}"[:2000]))
+            print(f"{mode}: ERROR {result['runs'][-1]['error'][:400]}")
+        gc.collect()
+        torch.cuda.empty_cache()
+        write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

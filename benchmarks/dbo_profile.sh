@@ -6,15 +6,16 @@ source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python benchmarks/dbo_step.py --dp 2 --modes on --eager --decode 64 --steps 96 --repeats 2 --prefill 4096 \
+python benchmarks/dbo_step.py --dp 2 --modes on --eager --decode 64 --steps 64 --repeats 1 --prefill 4096 \
   --out "$out/dbo_profile_on.json" > /tmp/on.txt 2>&1 &
 pid=$!
-sleep ${PROFILE_AFTER:-55}
-timeout 40 /tmp/site/bin/py-spy record -p $pid --subprocesses --threads --idle -d 12 -r 100 -f raw \
+for _ in $(seq 120); do grep -q warm /tmp/on.txt && break; sleep 1; done
+sleep 3
+timeout 40 /tmp/site/bin/py-spy record -p $pid --subprocesses --threads --idle -d 10 -r 100 -f raw \
   -o "$out/pyspy_dbo_on.txt" > /tmp/pyspy.log 2>&1 || tail -5 /tmp/pyspy.log
 wait $pid
 grep -E "ms/step|ERROR" /tmp/on.txt
-timeout 150 python benchmarks/dbo_step.py --dp 2 --modes off --eager --decode 64 --steps 32 --repeats 2 --prefill 4096 \
+timeout 150 python benchmarks/dbo_step.py --dp 2 --modes off --eager --decode 64 --steps 16 --repeats 1 --prefill 4096 \
   --out "$out/dbo_profile_off.json" 2>&1 | grep -E "ms/step|ERROR"
 python - "$out/pyspy_dbo_on.txt" <<'PY'
 import collections, sys

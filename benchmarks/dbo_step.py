@@ -46,6 +46,7 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
         return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
     _timed(llm, prompts(8 * args.dp, 32), 4)  # compile kernels
+    print(f"{mode:>3} warm", flush=True)  # (dbo_profile.sh starts sampling here)
     out = dict(mode=mode, decode={}, prefill=None)
     for batch in map(int, args.decode.split(",")):
         ps = prompts(batch * args.dp, 64)

@@ -166,8 +166,6 @@ class OverlapConfig:
     def __post_init__(self) -> None:
         if self.dbo_policy not in ("threshold", "auto"):
             raise ValueError(f"--dbo-policy must be threshold or auto, got {self.dbo_policy!r}")
-        if self.dbo_policy == "auto":
-            raise ValueError("--dbo-policy auto is not implemented yet; use threshold")
         for flag, value in (("--dbo-decode-token-threshold", self.dbo_decode_token_threshold),
                             ("--dbo-prefill-token-threshold", self.dbo_prefill_token_threshold)):
             if value < 2:

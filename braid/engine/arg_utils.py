@@ -109,7 +109,9 @@ class EngineArgs:
                                  "overlap the other's compute")
         parser.add_argument("--dbo-decode-token-threshold", type=int, default=32)
         parser.add_argument("--dbo-prefill-token-threshold", type=int, default=512)
-        parser.add_argument("--dbo-policy", default="threshold", choices=["threshold", "auto"])
+        parser.add_argument("--dbo-policy", default="threshold", choices=["threshold", "auto"],
+                            help="threshold: split every step at or above the thresholds; auto: also time steps "
+                                 "whole and split at start-up and split only sizes where that was faster")
         parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                             help="model replicas, each with its own scheduler and KV cache, stepping together "
                                  "(MoE layers exchange tokens between them with --enable-expert-parallel)")

@@ -23,13 +23,13 @@ from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
 from braid.worker.multi_step import advance_decode_inputs
 from braid.worker.request_state import CachedRequestState
-from braid.worker.ubatch_split import agree_on_split, should_try_split, split_ubatches
-from braid.worker.ubatching import UBatchGroup
+from braid.worker.dbo_steps import DboStepsMixin
+from braid.worker.ubatch_split import agree_on_split
 
 logger = logging.getLogger(__name__)
 
 
-class ModelRunner:
+class ModelRunner(DboStepsMixin):
     def __init__(self, config: EngineConfig, tracer=None) -> None:
         from braid.models.loader import load_model
         from braid.observe.trace import NULL_TRACER
@@ -52,12 +52,13 @@ class ModelRunner:
         self.prev_sampled_rows: dict[str, int] = {}
         # Sampled ids travel to the host on their own stream (see async_output).
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._ubatches: UBatchGroup | None = None  # dual-batch overlap's threads and streams
+        self._ubatches = None  # dual-batch overlap's threads and streams
         self.num_dbo_steps = 0
         # Expert parallelism by all-gather over DP replicas: this step's agreed MoE token
         # count (whole step; each DBO micro-batch), None when each forward uses its own.
         self._dp_tokens: int | None = None
         self._dbo_dp_tokens: int | None = None
+        self.dbo_table = None  # --dbo-policy auto: measured at start-up (dbo_auto.py)
 
     @property
     def use_cuda_graphs(self) -> bool:
@@ -118,6 +119,8 @@ class ModelRunner:
             self.cuda_graphs = DecodeCudaGraphs(self._compute, self.attn_backend, self.kv_caches, sched.max_num_seqs,
                                                 sched.max_model_len, self.block_size, self.device, stage_input)
             self.cuda_graphs.capture()
+        if self.config.overlap.enable_dbo and self.config.overlap.dbo_policy == "auto":
+            self._calibrate_dbo()
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:
@@ -234,7 +237,8 @@ class ModelRunner:
                         batch.input_ids.index_copy_(0, batch.pending_dst,
                                                     self.prev_sampled.index_select(0, batch.pending_src))
                     if dbo_split is not None:
-                        out = self._forward_dbo(batch, host, dbo_split)
+                        out = self._forward_dbo(batch.input_ids, batch.positions, host.block_table, dbo_split,
+                                                host.num_tokens)
                     else:
                         out = self._forward_eager(batch, stage_input)
                     logits_idx = batch.logits_indices
@@ -269,22 +273,7 @@ class ModelRunner:
         """Eager forwards on a traced GPU run time attention and MoE parts per layer."""
         return self.tracer if self.tracer.enabled and self.device.type == "cuda" else None
 
-    # ---- dual-batch overlap ---------------------------------------------------------
-    def _dbo_split(self, host, num_tokens: list[int]):
-        """The two micro-batches of this step, or None: the threshold policy's wish, then every
-        data-parallel rank's vote (none splits unless all do)."""
-        overlap = self.config.overlap
-        if not overlap.enable_dbo:
-            return None
-        wants = should_try_split(host.num_tokens, host.max_query_len == 1, overlap.dbo_decode_token_threshold,
-                                 overlap.dbo_prefill_token_threshold)
-        split = split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
-        agreed, most_tokens = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group, self.device)
-        # Each micro-batch holds at most half (rounded up) of its rank's tokens, so at most
-        # half of the largest rank's: the count every replica's MoE layers pad to.
-        self._dbo_dp_tokens = (most_tokens + 1) // 2 if self._dp_pads_moe else None
-        return split if agreed else None
-
+    # ---- data parallelism: one step shape on every replica ---------------------------
     def _agree_step_shape(self, num_tokens: int, local_graph: bool) -> tuple[bool, int | None]:
         """Under expert parallelism by all-gather over DP replicas: one all-reduce of (tokens,
         graph wish) over the DP group; every replica then pads its MoE inputs to the largest
@@ -298,31 +287,6 @@ class ModelRunner:
         dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=get_dp_group())
         most_tokens, no_graph = shape.tolist()
         return no_graph == 0, most_tokens
-
-    @property
-    def _dp_vote_group(self):
-        return get_dp_group() if get_layout().dp_size > 1 else None
-
-    def _forward_dbo(self, batch, host, split) -> torch.Tensor:
-        """The step as two micro-batches on two threads; each collective is a hand-over point
-        (distributed/comm.py), so one micro-batch's communication overlaps the other's compute."""
-        def micro_batch(mb):
-            def run():
-                tables = [row.tolist() for row in host.block_table[mb.req_start:mb.req_end]]
-                md = build_attention_metadata(list(mb.query_lens), list(mb.seq_lens), tables, self.block_size,
-                                              self.device)
-                with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer,
-                                                        self._dbo_dp_tokens)):
-                    return self._compute(batch.input_ids[mb.token_start:mb.token_end],
-                                         batch.positions[mb.token_start:mb.token_end])
-            return run
-
-        if self._ubatches is None:
-            self._ubatches = UBatchGroup(self.device)
-        with self.tracer.cpu_span("dbo", tokens=host.num_tokens):
-            outs = self._ubatches.run([micro_batch(mb) for mb in split], require_equal_yields=True)
-        self.num_dbo_steps += 1
-        return torch.cat(outs)
 
     def _dummy_forward(self) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a

@@ -2,7 +2,9 @@
 TP=2 (the all-reduces are the hand-over points), MoE with DP=2 x EP (the all-to-alls
 are), prefill and decode steps, and a prefill chunk cut in the middle (its second part
 continues in the second micro-batch). A DP replica that runs a dummy batch votes no,
-so that step runs whole everywhere."""
+so that step runs whole everywhere. The auto policy measures its table at start-up (in
+lockstep on every DP rank, which then hold the same table) and splits only where the
+table says splitting pays."""
 import pytest
 
 from braid import LLM, SamplingParams
@@ -33,6 +35,26 @@ def test_dbo_one_device_with_a_cut_prefill(tmp_path):
     assert_pool_full(llm)
 
 
+def test_dbo_auto_policy_follows_its_table(tmp_path):
+    from braid.worker.dbo_auto import DboTable
+
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    want = _generate(LLM(model, kv_cache_memory="64MiB"))
+    llm = LLM(model, kv_cache_memory="64MiB", max_num_seqs=8, max_num_batched_tokens=32, dbo_policy="auto", **DBO)
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    table = runner.dbo_table
+    # Measured at start-up: decode 4 (3 rounded up to a power of two) and 8; prefill 8, 16, 32.
+    assert [r[0] for r in table.decode] == [4, 8] and [r[0] for r in table.prefill] == [8, 16, 32]
+    assert all(w > 0 and sp > 0 for _, w, sp in table.decode + table.prefill)
+    for always in (True, False):
+        before = runner.num_dbo_steps
+        runner.dbo_table = DboTable(decode=[(3, 1.0, 0.5 if always else 2.0)],
+                                    prefill=[(8, 1.0, 0.5 if always else 2.0)])
+        assert _generate(llm) == want
+        assert (runner.num_dbo_steps > before) == always
+    assert_pool_full(llm)
+
+
 def _check_on_equals_off(model, trace_dir, world, **parallel):
     want = _generate(LLM(model, kv_cache_memory="64MiB"))
     llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), **parallel, **DBO)
@@ -56,6 +78,30 @@ def test_dbo_moe_dp2_ep_equals_off(tmp_path):
                          data_parallel_size=2, enable_expert_parallel=True)
 
 
+@pytest.mark.distributed
+def test_dbo_auto_moe_dp2_ep_one_table_on_every_rank(tmp_path):
+    import json
+    import os
+
+    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    want = _generate(LLM(model, kv_cache_memory="64MiB"))
+    trace_dir = tmp_path / "t"
+    llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), data_parallel_size=2,
+              enable_expert_parallel=True, max_num_seqs=8, max_num_batched_tokens=32, dbo_policy="auto", **DBO)
+    try:
+        assert _generate(llm) == want
+        assert_pool_full(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    tables = []
+    for rank in range(2):
+        (name,) = [f for f in os.listdir(trace_dir) if f.startswith(f"braid-trace-worker-{rank}-")]
+        events = json.load(open(os.path.join(trace_dir, name)))["traceEvents"]
+        (span,) = [e for e in events if e.get("name") == "dbo_calibration"]
+        tables.append((span["args"]["decode"], span["args"]["prefill"]))
+    assert tables[0] == tables[1] and len(tables[0][0]) == 2
+
+
 def _assert_workers_split(trace_dir, world):
     """Every rank ran some steps as two micro-batches, and all ranks the same number."""
     import json
@@ -71,8 +117,8 @@ def _assert_workers_split(trace_dir, world):
 
 def test_dbo_flags_are_checked(tmp_path):
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
-    with pytest.raises(ValueError, match="--dbo-policy auto is not implemented yet"):
-        EngineArgs(model=model, enable_dbo=True, dbo_policy="auto").create_engine_config()
+    with pytest.raises(ValueError, match="--dbo-policy must be threshold or auto"):
+        EngineArgs(model=model, enable_dbo=True, dbo_policy="always").create_engine_config()
     with pytest.raises(ValueError, match="--dbo-decode-token-threshold must be >= 2"):
         EngineArgs(model=model, enable_dbo=True, dbo_decode_token_threshold=1).create_engine_config()
     with pytest.raises(ValueError, match="--enable-dbo with --pipeline-parallel-size"):

@@ -1,0 +1,84 @@
+"""Dual-batch overlap's `auto` policy: split a step only where splitting was measured to pay.
+
+At start-up every rank times dummy steps of a few sizes both ways — whole, as the
+engine would run them (a CUDA graph for decode batches where graphs exist, eagerly
+otherwise), and split into two micro-batches on the ubatching threads — and the
+data-parallel ranks keep the slowest rank's times (one all-reduce), so every rank holds
+the same table and votes alike. A step splits when, at the largest measured size not
+above its token count, the split step was faster by more than the margin.
+
+Why whole-step times instead of a model built from per-layer compute and communication
+times: what often decides is neither, but the host's launch work, which splitting
+doubles for eager micro-batches (and CUDA graphs remove only from the whole step). The
+measured step includes everything the step will pay.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class DboTable:
+    # (tokens, whole-step ms, split-step ms), ascending tokens.
+    decode: list[tuple[int, float, float]] = field(default_factory=list)
+    prefill: list[tuple[int, float, float]] = field(default_factory=list)
+    margin: float = 0.02  # split only for a gain above measurement noise
+
+    def pays(self, num_tokens: int, decode_only: bool) -> bool:
+        rows = self.decode if decode_only else self.prefill
+        below = [r for r in rows if r[0] <= num_tokens]
+        if not below:
+            return False
+        _, whole_ms, split_ms = below[-1]
+        return split_ms < whole_ms * (1 - self.margin)
+
+    def as_dict(self) -> dict:
+        return {"decode": [list(r) for r in self.decode], "prefill": [list(r) for r in self.prefill]}
+
+
+def calibration_sizes(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` (rounded up to one) to `largest`, and `largest` itself."""
+    if largest < smallest:
+        return []
+    sizes, n = [], 1
+    while n < smallest:
+        n *= 2
+    while n < largest:
+        sizes.append(n)
+        n *= 2
+    return sizes + [largest]
+
+
+def prefill_shape(num_tokens: int, max_len: int) -> tuple[list[int], list[int]]:
+    """A dummy prefill step of num_tokens: whole prompts of up to max_len tokens each."""
+    length = max(1, min(num_tokens, max_len))
+    query = [length] * (num_tokens // length) + ([num_tokens % length] if num_tokens % length else [])
+    return query, list(query)
+
+
+def median_ms(fn: Callable[[], None], sync: Callable[[], None], reps: int = 3) -> float:
+    fn()  # warm-up: compiles kernels, fills allocator pools
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def calibrate(step: Callable[[list[int], list[int], bool], None], sync: Callable[[], None],
+              decode_sizes: list[int], prefill_sizes: list[int], max_len: int) -> DboTable:
+    """step(query_lens, seq_lens, split) runs one dummy step; returns the measured table."""
+    table = DboTable()
+    for n in decode_sizes:
+        q = [1] * n
+        table.decode.append((n, median_ms(lambda: step(q, q, False), sync), median_ms(lambda: step(q, q, True), sync)))
+    for n in prefill_sizes:
+        q, s = prefill_shape(n, max_len)
+        table.prefill.append((n, median_ms(lambda: step(q, s, False), sync), median_ms(lambda: step(q, s, True), sync)))
+    return table

@@ -138,7 +138,7 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
 
     # ---- GPU busy fraction --------------------------------------------------------------------
     gpu: dict = {"num_spans": len(gpu_spans), "window_ms": 0.0, "start_us": None, "end_us": None,
-                 "busy_fraction": None, "per_gpu": [], "per_stream": [], "span_names": {}}
+                 "busy_fraction": None, "per_gpu": [], "per_stream": [], "span_names": {}, "dbo_overlap": None}
     gpu_busy: dict[str, list[list[float]]] = {}
     if gpu_spans:
         w0 = min(s[3] for s in gpu_spans)
@@ -175,6 +175,7 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
                                    "busy_fraction": fracs[-1],
                                    "steady_busy_fraction": steady / (s1 - s0) if s1 > s0 else 1.0})
         gpu["busy_fraction"] = sum(fracs) / len(fracs)
+        gpu["dbo_overlap"] = dbo_overlap(gpu_spans, lambda pid, args: f"{proc(pid)} cuda:{args.get('device', 0)}")
         gpu["span_names"] = {n: {"count": len(d), "total_ms": _ms(sum(d)), "mean_ms": _ms(sum(d) / len(d))}
                              for n, d in sorted(by_name.items())}
     summary["gpu"] = gpu
@@ -233,6 +234,35 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
     return summary
 
 
+def dbo_overlap(gpu_spans, gpu_of) -> dict | None:
+    """Dual-batch overlap's efficiency from the micro-batches' segment spans ("ubatch0 comm",
+    "ubatch1 compute", ...; worker/ubatching.py): per GPU, T_compute and T_comm (each a union
+    of its segments), T_on = their union, and efficiency = (T_off - T_on) / min(T_comm,
+    T_compute) with T_off = T_compute + T_comm, the same GPU work run one part after the
+    other, as without DBO. None when the trace has no such spans."""
+    parts: dict[str, dict[str, list]] = defaultdict(lambda: {"compute": [], "comm": []})
+    for pid, _, name, ts, dur, args, _ in gpu_spans:
+        kind = name.rsplit(" ", 1)[-1]
+        if name.startswith("ubatch") and kind in ("compute", "comm"):
+            parts[gpu_of(pid, args if isinstance(args, dict) else {})][kind].append((ts, ts + dur))
+    if not parts:
+        return None
+    per_gpu, total = [], {"compute": 0.0, "comm": 0.0, "on": 0.0}
+    for gpu_key, iv in sorted(parts.items()):
+        t = {k: sum(e - s for s, e in _union(v)) for k, v in iv.items()}
+        t["on"] = sum(e - s for s, e in _union(iv["compute"] + iv["comm"]))
+        smaller = min(t["compute"], t["comm"])
+        per_gpu.append({"gpu": gpu_key, "compute_ms": _ms(t["compute"]), "comm_ms": _ms(t["comm"]),
+                        "on_ms": _ms(t["on"]), "serial_ms": _ms(t["compute"] + t["comm"]),
+                        "efficiency": (t["compute"] + t["comm"] - t["on"]) / smaller if smaller > 0 else None})
+        for k in total:
+            total[k] += t[k]
+    smaller = min(total["compute"], total["comm"])
+    return {"per_gpu": per_gpu, "compute_ms": _ms(total["compute"]), "comm_ms": _ms(total["comm"]),
+            "on_ms": _ms(total["on"]),
+            "efficiency": (total["compute"] + total["comm"] - total["on"]) / smaller if smaller > 0 else None}
+
+
 def _f(x, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -256,6 +286,11 @@ def format_summary(summary: dict, top: int | None = None) -> str:
         out.append(f"  {'GPU span':<44} {'count':>7} {'mean ms':>12} {'total ms':>12}")
         for n, d in gpu["span_names"].items():
             out.append(f"  {n:<44} {d['count']:>7} {d['mean_ms']:>12.3f} {d['total_ms']:>12.3f}")
+        dbo = gpu.get("dbo_overlap")
+        if dbo:
+            out.append(f"  dual-batch overlap: compute {dbo['compute_ms']:.3f} ms, comm {dbo['comm_ms']:.3f} ms, "
+                       f"together {dbo['on_ms']:.3f} ms -> overlap efficiency "
+                       f"{_f(dbo['efficiency'] and dbo['efficiency'] * 100, '{:.1f}')}%")
     else:
         out.append("GPU: no GPU spans")
     st = summary["steps"]

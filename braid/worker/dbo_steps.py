@@ -56,7 +56,7 @@ class DboStepsMixin:
             return run
 
         if self._ubatches is None:
-            self._ubatches = UBatchGroup(self.device)
+            self._ubatches = UBatchGroup(self.device, self._layer_tracer)
         with self.tracer.cpu_span("dbo", tokens=num_tokens):
             outs = self._ubatches.run([micro_batch(mb) for mb in split], require_equal_yields=True)
         self.num_dbo_steps += 1

@@ -12,6 +12,11 @@ other's. A thread that finishes (or fails) passes the turn on for good, so the o
 never waits on it again; an error in either thread is raised to the caller after both
 have stopped. Each thread has its own forward context (forward_context is per thread).
 
+Timeline: with a tracer (traced GPU runs) each micro-batch's work between two switches
+is one GPU span on the stream it ran on, "ubatch0 compute", "ubatch1 comm", ..., so the
+trace shows both streams of both micro-batches and `braid trace summarize` can measure
+how much communication ran under compute (trace_summary.dbo_overlap).
+
 Receive hooks: a micro-batch that started an asynchronous receive registers the wait
 for it with `register_recv_hook`; the *other* micro-batch runs it at its next yield,
 just before handing the turn back, so the wait never blocks the thread that could be
@@ -44,14 +49,35 @@ class UBatchContext:
         self.done = False
         self.pending_hooks: list[Callable[[], Any]] = []
         self.yields = 0  # counted so tests can check both micro-batches yield alike
+        self._segment = None       # the open timeline span of this micro-batch's current work
+        self._segment_kind = "compute"
 
     @property
     def other(self) -> "UBatchContext":
         return self.group.contexts[1 - self.id]
 
+    # ---- timeline ----------------------------------------------------------------------
+    def _open_segment(self, kind: str) -> None:
+        self._segment_kind = kind
+        tracer = self.group.tracer
+        if tracer is not None:
+            self._segment = tracer.gpu_span(f"ubatch{self.id} {kind}")
+            self._segment.__enter__()
+
+    def _close_segment(self) -> str:
+        if self._segment is not None:
+            self._segment.__exit__(None, None, None)
+            self._segment = None
+        return self._segment_kind
+
     # ---- turn-taking -----------------------------------------------------------------
     def yield_(self) -> None:
         """Let the other micro-batch run until it yields back (or finishes)."""
+        kind = self._close_segment()  # the other's work on this stream is not this segment's
+        self._hand_over()
+        self._open_segment(kind)
+
+    def _hand_over(self) -> None:
         self.yields += 1
         self._run_hooks()
         if self.other.done:
@@ -75,39 +101,43 @@ class UBatchContext:
             hook()
 
     # ---- streams ---------------------------------------------------------------------
-    def _switch(self, src, dst) -> None:
+    def _switch(self, src, dst, kind: str) -> None:
         if src is None:
             return
+        self._close_segment()
         event = torch.cuda.Event()
         event.record(src)
         dst.wait_event(event)  # dst continues this micro-batch's work after src's
         torch.cuda.set_stream(dst)
+        self._open_segment(kind)
 
     def switch_to_comm(self) -> None:
-        self._switch(self.group.streams.compute, self.group.streams.comm)
+        self._switch(self.group.streams.compute, self.group.streams.comm, "comm")
 
     def switch_to_compute(self) -> None:
-        self._switch(self.group.streams.comm, self.group.streams.compute)
+        self._switch(self.group.streams.comm, self.group.streams.compute, "compute")
 
-    def _yield_and_switch(self, src, dst) -> None:
+    def _yield_and_switch(self, src, dst, kind: str) -> None:
         """Capture this micro-batch's work so far on `src`, let the other micro-batch run, then
         continue on `dst` after that work (and after nothing of the other micro-batch's)."""
+        self._close_segment()
         event = None
         if src is not None:
             event = torch.cuda.Event()
             event.record(src)
-        self.yield_()
+        self._hand_over()
         if event is not None:
             dst.wait_event(event)
             torch.cuda.set_stream(dst)
+        self._open_segment(kind)
 
     def yield_and_switch_from_compute_to_comm(self) -> None:
         """Before a collective: the other micro-batch launches its compute meanwhile."""
-        self._yield_and_switch(self.group.streams.compute, self.group.streams.comm)
+        self._yield_and_switch(self.group.streams.compute, self.group.streams.comm, "comm")
 
     def yield_and_switch_from_comm_to_compute(self) -> None:
         """After a collective: this micro-batch's compute then waits for its own communication only."""
-        self._yield_and_switch(self.group.streams.comm, self.group.streams.compute)
+        self._yield_and_switch(self.group.streams.comm, self.group.streams.compute, "compute")
 
 
 class _Aborted(BaseException):
@@ -117,8 +147,10 @@ class _Aborted(BaseException):
 class UBatchGroup:
     """Reusable: the streams are made once; each run() starts with fresh micro-batch state."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, tracer=None) -> None:
         self.streams = _Streams(device)
+        # Traced GPU runs: per-segment GPU spans (None: no timeline, no cost).
+        self.tracer = tracer if self.streams.compute is not None else None
         self.contexts: list[UBatchContext] = []
         self.error: BaseException | None = None
 
@@ -141,6 +173,7 @@ class UBatchGroup:
             try:
                 ctx.wake.wait()
                 if self.error is None:
+                    ctx._open_segment("compute")
                     results[i] = fns[i]()
             except _Aborted:
                 pass
@@ -148,6 +181,7 @@ class UBatchGroup:
                 if self.error is None:
                     self.error = e
             finally:
+                ctx._close_segment()
                 ctx.done = True
                 ctx._run_hooks()
                 ctx.other.wake.set()  # the turn passes on for good

@@ -481,6 +481,27 @@ def test_summary_accepts_files_and_several_gpus(tmp_path):
         summarize(str(tmp_path / "missing"))
 
 
+def test_summary_reports_dual_batch_overlap_efficiency(tmp_path):
+    """Two micro-batches' segments on a compute and a comm stream: compute [0,10)+[10,20) us,
+    comm [5,12) us: T_compute 20, T_comm 7, together 20 -> (27 - 20) / 7 = 100%; on a second
+    GPU comm [20,30) after compute [0,20): nothing hidden -> 0%."""
+    def seg(name, ts, dur, device, stream):
+        return {"ph": "X", "name": name, "cat": "gpu", "ts": ts, "dur": dur, "pid": 1, "tid": GPU_TID + stream,
+                "args": {"device": device, "stream": stream}}
+
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "worker-0"}},
+              seg("ubatch0 compute", 0, 10, 0, 0), seg("ubatch1 compute", 10, 10, 0, 0),
+              seg("ubatch0 comm", 5, 7, 0, 1),
+              seg("ubatch0 compute", 0, 20, 1, 0), seg("ubatch1 comm", 20, 10, 1, 1)]
+    (tmp_path / "braid-trace-worker-0-1.json").write_text(json.dumps({"traceEvents": events}))
+    s = summarize(str(tmp_path))
+    dbo = s["gpu"]["dbo_overlap"]
+    assert [g["efficiency"] for g in dbo["per_gpu"]] == [pytest.approx(1.0), pytest.approx(0.0)]
+    assert dbo["efficiency"] == pytest.approx(7 / 17)  # (47 - 40) / min(40, 17)
+    assert "overlap efficiency 41.2%" in format_summary(s)
+    assert summarize(str(_synthetic(tmp_path / "plain")))["gpu"]["dbo_overlap"] is None
+
+
 def test_summary_of_a_real_cpu_trace(tmp_path):
     tracer = make_tracer(str(tmp_path), "engine-core")
     for _ in range(5):

@@ -118,3 +118,36 @@ def test_stream_switches_keep_each_micro_batch_in_order_on_gpu():
 
     got = UBatchGroup(torch.device("cuda")).run([fn(0), fn(1)])
     assert got == [2 * (2048 * 1 + 1), 2 * (2048 * 4 + 1)]
+
+
+@pytest.mark.gpu
+def test_traced_micro_batches_show_both_streams_and_an_overlap_figure(tmp_path):
+    import torch
+
+    from braid.observe.trace import make_tracer
+    from braid.observe.trace_summary import summarize
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tracer = make_tracer(str(tmp_path), "worker-0")
+
+    def fn(i):
+        def run():
+            ctx = current_ubatch()
+            x = torch.full((4096, 4096), float(i + 1), device="cuda")
+            for _ in range(3):
+                x = (x @ x).clamp_(max=1.0)              # compute
+                ctx.yield_and_switch_from_compute_to_comm()
+                x = x + 1                                # "communication"
+                ctx.yield_and_switch_from_comm_to_compute()
+            return float(x.mean())
+        return run
+
+    group = UBatchGroup(torch.device("cuda"), tracer)
+    assert group.run([fn(0), fn(1)]) == group.run([fn(0), fn(1)])
+    tracer.close()
+    s = summarize(str(tmp_path))
+    names = set(s["gpu"]["span_names"])
+    assert {"ubatch0 compute", "ubatch1 compute", "ubatch0 comm", "ubatch1 comm"} <= names
+    dbo = s["gpu"]["dbo_overlap"]
+    assert dbo["compute_ms"] > 0 and dbo["comm_ms"] > 0 and dbo["efficiency"] is not None

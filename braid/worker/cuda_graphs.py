@@ -6,6 +6,12 @@ max_num_seqs, all sharing one memory pool; a batch is padded up to the next
 bucket. Inputs live in persistent device buffers that each step overwrites;
 padded rows write no KV (slot -1) and attend to one harmless cached slot.
 
+Dual-batch overlap (`split_compute`): for each bucket of at least the DBO decode
+threshold a second graph holds the step as two micro-batches — rows [0, S/2) and
+[S/2, S) — run at capture time on the ubatching threads, so the graph's dependency
+graph keeps one micro-batch's collectives beside the other's compute and the replay
+needs no threads and no host work.
+
 Under pipeline parallelism each stage captures its own layers: a later stage's
 graph reads the hidden states and residual from static buffers that the receive
 from the previous stage fills just before the replay; a stage's outputs are sent
@@ -41,8 +47,12 @@ class DecodeCudaGraphs:
     this stage receives them."""
 
     def __init__(self, compute, backend, kv_caches: list[torch.Tensor], max_batch_size: int, max_model_len: int,
-                 block_size: int, device: torch.device, stage_input: tuple[int, torch.dtype] | None = None) -> None:
+                 block_size: int, device: torch.device, stage_input: tuple[int, torch.dtype] | None = None,
+                 split_compute=None, split_min_size: int | None = None) -> None:
         self.compute = compute
+        # split_compute(input_ids, positions, (context0, context1)) -> hidden: the DBO forward.
+        self.split_compute = split_compute
+        self.split_min_size = split_min_size
         self.backend = backend
         self.kv_caches = kv_caches
         self.max_model_len = max_model_len
@@ -79,24 +89,27 @@ class DecodeCudaGraphs:
             hidden_size, dtype = stage_input
             self.stage_inputs = torch.zeros((2, n, hidden_size), dtype=dtype, device=device).unbind(0)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.split_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.memory_bytes = 0
         # The last step's uploads from the staging buffers; they must land before we overwrite them.
         self._uploaded: torch.cuda.Event | None = None
 
-    def _context(self, size: int) -> ForwardContext:
+    def _context(self, size: int, start: int = 0, dp_padded_tokens: int | None = None) -> ForwardContext:
+        """Rows [start, start + size) of the static buffers as one decode batch."""
+        end = start + size
         metadata = AttentionMetadata(
             num_actual_tokens=size,
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.dev["seq_lens"][:size],
-            block_table=self.dev["block_table"][:size],
-            slot_mapping=self.dev["slot_mapping"][:size],
+            query_start_loc=self.query_start_loc[: size + 1],  # one token per row, from any start
+            seq_lens=self.dev["seq_lens"][start:end],
+            block_table=self.dev["block_table"][start:end],
+            slot_mapping=self.dev["slot_mapping"][start:end],
             max_query_len=1,
             # Kernel choices must hold for any context the graph will see.
             max_seq_len=self.max_model_len,
             query_start_loc_cpu=None,
             seq_lens_cpu=None,
         )
-        return ForwardContext(metadata, self.kv_caches, self.backend)
+        return ForwardContext(metadata, self.kv_caches, self.backend, dp_padded_tokens=dp_padded_tokens)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -113,10 +126,32 @@ class DecodeCudaGraphs:
                 hidden = self.compute(*args)
             pool = graph.pool() if pool is None else pool
             self.graphs[size] = (graph, hidden)
+        for size in reversed(self.split_sizes):
+            half = size // 2
+            contexts = (self._context(half, 0, half), self._context(half, half, half))
+            args = (self.dev["input_ids"][:size], self.dev["positions"][:size], contexts)
+            self.split_compute(*args)  # warm-up outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # The micro-batch threads launch into this capture: only this thread's calls are checked.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                hidden = self.split_compute(*args)
+            self.split_graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
         self.memory_bytes = torch.cuda.memory_reserved() - before
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) using %.2f GiB", len(self.graphs),
-                    self.max_batch_size, self.memory_bytes / 2**30)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d; %d split for dual-batch overlap) using %.2f GiB",
+                    len(self.graphs), self.max_batch_size, len(self.split_graphs), self.memory_bytes / 2**30)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """Buckets that also get a two-micro-batch graph: even, at least the DBO threshold."""
+        if self.split_compute is None or self.stage_inputs is not None:
+            return []
+        return [s for s in self.sizes if s % 2 == 0 and s >= max(2, self.split_min_size or 2)]
+
+    def can_split(self, num_reqs: int, min_size: int = 0) -> bool:
+        """A split graph exists for this batch's bucket (each half then holds S/2 rows)."""
+        return self.bucket(max(num_reqs, min_size)) in self.split_graphs
 
     def _stage_inputs(self, size: int) -> tuple:
         if self.stage_inputs is None:
@@ -142,7 +177,7 @@ class DecodeCudaGraphs:
         h["block_table"][start:size] = 0
 
     def run(self, host: HostBatch, prev_sampled: torch.Tensor | None = None,
-            pending_src: np.ndarray | None = None, min_size: int = 0):
+            pending_src: np.ndarray | None = None, min_size: int = 0, split: bool = False):
         """Replay the bucket that fits this decode batch (and `min_size` rows: data-parallel
         replicas under expert parallelism share one bucket); returns `compute`'s outputs for
         its B rows.
@@ -171,14 +206,15 @@ class DecodeCudaGraphs:
         if num_pending:
             dst = self.dev["pending_dst"][:num_pending]
             self.dev["input_ids"].index_copy_(0, dst, prev_sampled.index_select(0, self.dev["pending_src"][:num_pending]))
-        graph, out = self.graphs[size]
+        graph, out = (self.split_graphs if split else self.graphs)[size]
         graph.replay()
         return tuple(t[:b] for t in out) if isinstance(out, tuple) else out[:b]
 
 
-    def run_idle(self, num_reqs: int) -> None:
+    def run_idle(self, num_reqs: int, split: bool = False) -> None:
         """Replay the bucket for num_reqs rows on padding alone: a data-parallel replica with
-        nothing to run still joins the other replicas' MoE collectives, at their size."""
+        nothing to run still joins the other replicas' MoE collectives, at their size (also
+        the auto policy's start-up timing of a whole or split decode step)."""
         size = self.bucket(num_reqs)
         if self._uploaded is not None:
             self._uploaded.synchronize()
@@ -186,7 +222,7 @@ class DecodeCudaGraphs:
         self.device_buffer.copy_(self.host_buffer, non_blocking=True)
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
-        self.graphs[size][0].replay()
+        (self.split_graphs if split else self.graphs)[size][0].replay()
 
     def run_next(self, sampled: torch.Tensor, num_reqs: int) -> torch.Tensor:
         """The next pass of a multi-step run over the batch of the last run(): every request's

@@ -62,6 +62,21 @@ class DboStepsMixin:
         self.num_dbo_steps += 1
         return torch.cat(outs)
 
+    def _split_graph_forward(self, input_ids, positions, contexts) -> torch.Tensor:
+        """The DBO decode step over a CUDA graph's static rows: halves [0, S/2) and [S/2, S)
+        as two micro-batches (cuda_graphs.DecodeCudaGraphs captures this). A fresh group per
+        call: its compute stream must be the stream current now (the capture stream)."""
+        half = input_ids.shape[0] // 2
+
+        def micro_batch(i):
+            def run():
+                with set_forward_context(contexts[i]):
+                    return self._compute(input_ids[i * half:(i + 1) * half], positions[i * half:(i + 1) * half])
+            return run
+
+        outs = UBatchGroup(self.device).run([micro_batch(0), micro_batch(1)], require_equal_yields=True)
+        return torch.cat(outs)
+
     # ---- dual-batch overlap: the auto policy's start-up measurements ------------------
     def _calibrate_dbo(self) -> None:
         """Time dummy steps whole and split at a few sizes (dbo_auto.py); every DP rank keeps
@@ -102,12 +117,15 @@ class DboStepsMixin:
         pads = self._dp_pads_moe
         self._dp_tokens = num_tokens if pads else None
         self._dbo_dp_tokens = (num_tokens + 1) // 2 if pads else None
-        if split:
+        decode_graph = (self.cuda_graphs is not None and max(query_lens) == 1
+                        and num_tokens <= self.cuda_graphs.max_batch_size)
+        if split and decode_graph and self.cuda_graphs.can_split(num_tokens):
+            self.cuda_graphs.run_idle(num_tokens, split=True)
+        elif split:
             width = max(len(b) for b in blocks)
             table = np.asarray([b + [0] * (width - len(b)) for b in blocks], dtype=np.int32)
             self._forward_dbo(input_ids, positions, table, split_ubatches(query_lens, seq_lens), num_tokens)
-        elif (self.cuda_graphs is not None and max(query_lens) == 1
-              and num_tokens <= self.cuda_graphs.max_batch_size):
+        elif decode_graph:
             self.cuda_graphs.run_idle(num_tokens)
         else:
             md = build_attention_metadata(query_lens, seq_lens, blocks, self.block_size, self.device)

@@ -116,8 +116,12 @@ class ModelRunner(DboStepsMixin):
         if self.use_cuda_graphs:
             sched = self.config.scheduler
             stage_input = None if is_first_pp_stage() else (m.hf_config.hidden_size, m.dtype)
-            self.cuda_graphs = DecodeCudaGraphs(self._compute, self.attn_backend, self.kv_caches, sched.max_num_seqs,
-                                                sched.max_model_len, self.block_size, self.device, stage_input)
+            overlap = self.config.overlap
+            self.cuda_graphs = DecodeCudaGraphs(
+                self._compute, self.attn_backend, self.kv_caches, sched.max_num_seqs, sched.max_model_len,
+                self.block_size, self.device, stage_input,
+                split_compute=self._split_graph_forward if overlap.enable_dbo else None,
+                split_min_size=overlap.dbo_decode_token_threshold)
             self.cuda_graphs.capture()
         if self.config.overlap.enable_dbo and self.config.overlap.dbo_policy == "auto":
             self._calibrate_dbo()
@@ -219,15 +223,22 @@ class ModelRunner(DboStepsMixin):
             logits_indices = host.last_token_indices[rows]
         batch = None
         dbo_split = self._dbo_split(host, num_tokens)
-        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host) and dbo_split is None
+        use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host)
         use_graph, self._dp_tokens = self._agree_step_shape(host.num_tokens, use_graph)
-        with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=use_graph):
+        # A split decode step replays its two-micro-batch graph where the (agreed) bucket has
+        # one, else runs eagerly; every DP rank decides alike from the same agreed values.
+        split_graph = use_graph and dbo_split is not None and self.cuda_graphs.can_split(host.num_reqs,
+                                                                                           self._dp_tokens or 0)
+        use_graph = use_graph and (dbo_split is None or split_graph)
+        with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=use_graph, dbo=dbo_split is not None):
             # A later pipeline stage waits for the previous one outside its GPU span: the
             # timeline counts a stage busy only while it computes.
             stage_input = self._receive(host.num_tokens, use_graph)
             with tracer.gpu_span("forward"):
                 if use_graph:
-                    out = self.cuda_graphs.run(host, self.prev_sampled, pending_src, min_size=self._dp_tokens or 0)
+                    out = self.cuda_graphs.run(host, self.prev_sampled, pending_src, min_size=self._dp_tokens or 0,
+                                               split=split_graph)
+                    self.num_dbo_steps += split_graph
                     # A decode batch samples every row, in order: no gather needed.
                     every_row = len(rows) == host.num_tokens
                     logits_idx = None if every_row else pack_to_device([logits_indices], self.device)[0]

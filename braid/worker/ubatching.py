@@ -164,6 +164,7 @@ class UBatchGroup:
         self.error = None
         results: list[Any] = [None, None]
         stream = torch.cuda.current_stream() if self.streams.compute is not None else None
+        inference = torch.is_inference_mode_enabled()  # grad modes are per thread: carry the caller's
 
         def body(i: int) -> None:
             ctx = self.contexts[i]
@@ -174,7 +175,8 @@ class UBatchGroup:
                 ctx.wake.wait()
                 if self.error is None:
                     ctx._open_segment("compute")
-                    results[i] = fns[i]()
+                    with torch.inference_mode(inference):
+                        results[i] = fns[i]()
             except _Aborted:
                 pass
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller

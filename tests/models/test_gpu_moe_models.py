@@ -62,3 +62,56 @@ def test_dp2_expert_parallel_on_gpus_matches_one_gpu(tmp_path, backend, eager):
 
     want = run(enforce_eager=True)
     assert run(enforce_eager=eager, data_parallel_size=2, enable_expert_parallel=True, all2all_backend=backend) == want
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_dbo_split_decode_graphs_on_two_gpus(tmp_path):
+    """DBO with CUDA graphs, DP=2 x EP over NCCL: split decode steps replay graphs captured
+    from the two micro-batch threads (collectives on the comm stream), tokens equal DBO off."""
+    import json
+    import os
+
+    path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe", seed=3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS * 3]
+
+    def run(**kw):
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", max_num_seqs=16,
+                  data_parallel_size=2, enable_expert_parallel=True, **kw)
+        try:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    want = run()
+    trace_dir = tmp_path / "t"
+    assert run(enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=4,
+               trace_dir=str(trace_dir)) == want
+    for rank in range(2):
+        (name,) = [f for f in os.listdir(trace_dir) if f.startswith(f"braid-trace-worker-{rank}-")]
+        events = json.load(open(os.path.join(trace_dir, name)))["traceEvents"]
+        launches = [e.get("args", {}) for e in events if e.get("name") == "launch"]
+        assert any(a.get("dbo") and a.get("cuda_graph") for a in launches), rank   # split graph replays
+        assert any(a.get("dbo") and not a.get("cuda_graph") for a in launches), rank  # split prefill, eager
+
+
+def test_dbo_split_decode_graph_on_one_gpu(tmp_path):
+    """One GPU (no collectives, so no hand-overs): the split decode graphs replay and give
+    DBO off's tokens."""
+    path = make_tiny_checkpoint("llama", tmp_path / "llama", seed=3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS * 3]
+    outs = []
+    for dbo in (False, True):
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", max_num_seqs=16,
+                  enable_dbo=dbo, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=4)
+        outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        runner = llm.llm_engine.engine_core.executor.worker.model_runner
+        assert bool(runner.cuda_graphs.split_graphs) == dbo
+        assert (runner.num_dbo_steps > 0) == dbo
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert outs[0] == outs[1]

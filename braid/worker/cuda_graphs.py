@@ -90,6 +90,7 @@ class DecodeCudaGraphs:
             self.stage_inputs = torch.zeros((2, n, hidden_size), dtype=dtype, device=device).unbind(0)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.split_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_split_replays = 0
         self.memory_bytes = 0
         # The last step's uploads from the staging buffers; they must land before we overwrite them.
         self._uploaded: torch.cuda.Event | None = None
@@ -208,6 +209,7 @@ class DecodeCudaGraphs:
             self.dev["input_ids"].index_copy_(0, dst, prev_sampled.index_select(0, self.dev["pending_src"][:num_pending]))
         graph, out = (self.split_graphs if split else self.graphs)[size]
         graph.replay()
+        self.num_split_replays += split
         return tuple(t[:b] for t in out) if isinstance(out, tuple) else out[:b]
 
 

@@ -110,7 +110,7 @@ def test_dbo_split_decode_graph_on_one_gpu(tmp_path):
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
         runner = llm.llm_engine.engine_core.executor.worker.model_runner
         assert bool(runner.cuda_graphs.split_graphs) == dbo
-        assert (runner.num_dbo_steps > 0) == dbo
+        assert (runner.cuda_graphs.num_split_replays > 0) == dbo
         del llm
         gc.collect()
         torch.cuda.empty_cache()

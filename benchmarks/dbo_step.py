@@ -1,6 +1,6 @@
 """Dual-batch overlap step times (issue 8): a MoE shape (dummy bf16) with data parallelism
 x expert parallelism, decode at 64/128/256 tokens per rank and prefill at 4096 tokens per
-rank, DBO off and on.
+rank, DBO off, on (threshold policy) and auto.
 
 Decode step = (time to generate 1 + S tokens - time to generate 1) / S, every rank holding
 B requests; prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
@@ -39,7 +39,8 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
               max_num_batched_tokens=args.prefill, enable_prefix_caching=False, data_parallel_size=args.dp,
               tensor_parallel_size=tp, enable_expert_parallel=args.dp * tp > 1 and args.ep,
-              enable_dbo=mode == "on", enforce_eager=args.eager)
+              enable_dbo=mode != "off", dbo_policy="auto" if mode == "auto" else "threshold",
+              enforce_eager=args.eager, trace_dir=f"{args.trace_dir}/{mode}" if args.trace_dir else None)
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int):
@@ -53,12 +54,20 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
         one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
         many = statistics.median(_timed(llm, ps, 1 + args.steps) for _ in range(args.repeats))
         out["decode"][batch] = dict(step_ms=(many - one) / args.steps * 1e3, t1_s=one, tS_s=many)
-        print(f"{mode:>3} decode {batch:>4} tokens/rank: {out['decode'][batch]['step_ms']:.2f} ms/step", flush=True)
+        print(f"{mode:>4} decode {batch:>4} tokens/rank: {out['decode'][batch]['step_ms']:.2f} ms/step", flush=True)
     ps = prompts(8 * args.dp, args.prefill // 8)
     out["prefill"] = dict(tokens_per_rank=args.prefill,
                           step_ms=statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats)) * 1e3)
-    print(f"{mode:>3} prefill {args.prefill} tokens/rank: {out['prefill']['step_ms']:.2f} ms/step", flush=True)
+    print(f"{mode:>4} prefill {args.prefill} tokens/rank: {out['prefill']['step_ms']:.2f} ms/step", flush=True)
     llm.llm_engine.engine_core.shutdown()
+    if args.trace_dir:  # overlap efficiency of the split steps that ran eagerly (their segments)
+        from braid.observe.trace_summary import summarize
+
+        out["dbo_overlap"] = summarize(f"{args.trace_dir}/{mode}")["gpu"].get("dbo_overlap")
+        if out["dbo_overlap"]:
+            d = out["dbo_overlap"]
+            print(f"{mode:>4} overlap: compute {d['compute_ms']:.1f} ms, comm {d['comm_ms']:.1f} ms, together "
+                  f"{d['on_ms']:.1f} ms, efficiency {d['efficiency']}", flush=True)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -71,12 +80,13 @@ def main() -> None:
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1, help="1: expert parallelism over the DP x TP ranks")
-    p.add_argument("--modes", default="off,on")
+    p.add_argument("--modes", default="off,on,auto", help="off, on (--dbo-policy threshold), auto")
     p.add_argument("--decode", default="64,128,256")
     p.add_argument("--prefill", type=int, default=4096)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs (both modes)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode)")
+    p.add_argument("--trace-dir", default=None, help="trace each mode's run here and report overlap efficiency")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     model_dir = write_shape(args.shape)

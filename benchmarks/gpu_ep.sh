@@ -2,8 +2,8 @@
 # Issues 7/8 on 4 GPUs. Usage: benchmarks/gpu_ep.sh w1|dbo
 #  w1:  GPU DP x EP equivalence tests, then W1-style throughput (256 x 512/256) of both MoE shapes
 #       with DP=2 x EP (the two shapes side by side on GPUs 0,1 and 2,3) and DP=4 x EP, traced.
-#  dbo: DBO off/on step times, DeepSeek-V2-Lite shape, DP=2 x EP over NVLink (GPUs 0,1) and
-#       with NCCL peer-to-peer off (GPUs 2,3), side by side.
+#  dbo: DBO GPU tests; DBO off/on/auto step times, DeepSeek-V2-Lite shape, DP=2 x EP over
+#       NVLink (GPUs 0,1) and with NCCL peer-to-peer off (GPUs 2,3), side by side; a traced run.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}
@@ -25,11 +25,21 @@ w1)
   w1 qwen3-30b-a3b 4 "" 256
   ;;
 dbo)
-  CUDA_VISIBLE_DEVICES=0,1 timeout 280 python benchmarks/dbo_step.py --dp 2 --out "$out/dbo_step_dsv2lite_dp2_nvlink.json" \
-    > /tmp/dbo_a.txt 2>&1 &
-  CUDA_VISIBLE_DEVICES=2,3 NCCL_P2P_DISABLE=1 timeout 280 python benchmarks/dbo_step.py --dp 2 \
-    --out "$out/dbo_step_dsv2lite_dp2_nop2p.json" > /tmp/dbo_b.txt 2>&1 &
+  # GPUs 0,1: NVLink, off / on / auto, then a traced DBO run for the overlap figure.
+  ( CUDA_VISIBLE_DEVICES=0,1 timeout 230 python benchmarks/dbo_step.py --dp 2 --repeats 2 \
+      --out "$out/dbo_step_dsv2lite_dp2_nvlink.json" > /tmp/dbo_a.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0,1 timeout 75 python benchmarks/dbo_step.py --dp 2 --modes on --decode 128 --repeats 1 \
+      --steps 8 --trace-dir /tmp/trace_dbo --out "$out/dbo_trace_dsv2lite_dp2_nvlink.json" > /tmp/dbo_t.txt 2>&1 ) &
+  # GPUs 2,3: the DBO GPU tests, then the same with NCCL peer-to-peer off (traffic through the host).
+  ( CUDA_VISIBLE_DEVICES=2,3 timeout 120 python -m pytest tests/worker/test_ubatching.py \
+      tests/models/test_gpu_moe_models.py -k "dbo or traced or stream" -m gpu -q -p no:cacheprovider --tb=short \
+      > /tmp/dbo_tests.txt 2>&1
+    CUDA_VISIBLE_DEVICES=2,3 NCCL_P2P_DISABLE=1 timeout 205 python benchmarks/dbo_step.py --dp 2 --repeats 2 \
+      --out "$out/dbo_step_dsv2lite_dp2_nop2p.json" > /tmp/dbo_b.txt 2>&1 ) &
   wait
-  for f in /tmp/dbo_a.txt /tmp/dbo_b.txt; do echo "== $f"; grep -E "ms/step|ERROR|Error" $f | tail -12; done
+  grep -E "^E |Error|passed|failed" /tmp/dbo_tests.txt | tail -12
+  for f in /tmp/dbo_a.txt /tmp/dbo_b.txt /tmp/dbo_t.txt; do
+    echo "== $f"; grep -E "ms/step|ERROR|Error|overlap" $f | tail -14
+  done
   ;;
 esac

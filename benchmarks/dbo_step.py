@@ -4,7 +4,8 @@ rank, DBO off, on (threshold policy) and auto.
 
 Decode step = (time to generate 1 + S tokens - time to generate 1) / S, every rank holding
 B requests; prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
-Medians of --repeats. Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
+Every shape runs once untimed first (kernel compilation), then medians of --repeats.
+Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
 traffic through host memory, as across machines).
 
     python benchmarks/dbo_step.py --dp 2 --modes off,on --out $OUT/dbo_dp2.json
@@ -51,11 +52,13 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
     out = dict(mode=mode, decode={}, prefill=None)
     for batch in map(int, args.decode.split(",")):
         ps = prompts(batch * args.dp, 64)
+        _timed(llm, ps, 1 + args.steps)  # every shape of this batch compiled before timing
         one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
         many = statistics.median(_timed(llm, ps, 1 + args.steps) for _ in range(args.repeats))
         out["decode"][batch] = dict(step_ms=(many - one) / args.steps * 1e3, t1_s=one, tS_s=many)
         print(f"{mode:>4} decode {batch:>4} tokens/rank: {out['decode'][batch]['step_ms']:.2f} ms/step", flush=True)
     ps = prompts(8 * args.dp, args.prefill // 8)
+    _timed(llm, ps, 1)
     out["prefill"] = dict(tokens_per_rank=args.prefill,
                           step_ms=statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats)) * 1e3)
     print(f"{mode:>4} prefill {args.prefill} tokens/rank: {out['prefill']['step_ms']:.2f} ms/step", flush=True)
@@ -83,7 +86,7 @@ def main() -> None:
     p.add_argument("--modes", default="off,on,auto", help="off, on (--dbo-policy threshold), auto")
     p.add_argument("--decode", default="64,128,256")
     p.add_argument("--prefill", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode)")
     p.add_argument("--trace-dir", default=None, help="trace each mode's run here and report overlap efficiency")

@@ -189,8 +189,7 @@ class EngineArgs:
         dp = self.data_parallel_size
         if dp > 1:
             for flag, on in (("--async-scheduling", self.async_scheduling), ("--pipeline-parallel-size", pp > 1),
-                             ("--num-scheduler-steps", self.num_scheduler_steps > 1),
-                             ("--distributed-executor-backend", parallel.distributed_executor_backend != "mp")):
+                             ("--num-scheduler-steps", self.num_scheduler_steps > 1)):
                 if on:
                     raise ValueError(f"--data-parallel-size {dp} with {flag} is not supported yet")
         if self.enable_expert_parallel:

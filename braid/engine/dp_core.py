@@ -8,8 +8,9 @@ and reports nothing. When no rank has work, nobody steps. New requests go to the
 with the fewest unfinished requests (the coordinator); a request stays on its rank.
 
 All replicas' workers are ranks of one process group (rank = dp_rank * pp * tp + ...),
-started by one executor; each step sends every worker the list of the N scheduler
-outputs and each DP group runs its own.
+started by one executor — worker processes on this machine (mp) or Ray actors, which
+may sit on several machines (ray); each step sends every worker the list of the N
+scheduler outputs and each DP group runs its own.
 """
 from __future__ import annotations
 
@@ -59,13 +60,16 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
 class DPEngineCore:
     def __init__(self, config: EngineConfig) -> None:
         from braid.engine.core import freeze_import_heap
-        from braid.executor.multiproc import MultiprocExecutor
 
         freeze_import_heap()
         self.config = config
         self.dp_size = config.parallel.data_parallel_size
         self.tracer = make_tracer(config.trace_dir, "engine-core")
-        self.executor = MultiprocExecutor(config, self.tracer)
+        if config.parallel.distributed_executor_backend == "ray":
+            from braid.executor.ray import RayExecutor as executor_cls
+        else:
+            from braid.executor.multiproc import MultiprocExecutor as executor_cls
+        self.executor = executor_cls(config, self.tracer)
         try:
             num_blocks = self.executor.determine_num_blocks()
             self.executor.initialize_kv_cache(num_blocks)

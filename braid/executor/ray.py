@@ -2,7 +2,9 @@
 in one placement group, so the ranks can live on several machines of a Ray cluster.
 
 Every step is sent to every actor (each launches its passes in order); only the output
-rank's actor is asked for tokens, one call per pass. Messages are msgspec frames, as with
+rank's actor is asked for tokens, one call per pass. Under data parallelism every actor
+gets the list of the replicas' steps and runs its replica's; each replica's output rank
+reports its tokens. Messages are msgspec frames, as with
 the multiprocess executor. Each actor also runs a long "watch" call that returns only
 if the worker fails; the engine core waits on it beside every reply, so a dead or
 failing actor ends the engine with an error naming its rank, never a hang.
@@ -44,6 +46,7 @@ class _RayWorker:
         self._msgspec = msgspec
         self._enc = msgspec.msgpack.Encoder()
         self._so_decoder = msgspec.msgpack.Decoder(SchedulerOutput)
+        self._dp_decoder = msgspec.msgpack.Decoder(list[SchedulerOutput])
         self._passes: queue.Queue = queue.Queue()
         self._outputs: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -66,7 +69,9 @@ class _RayWorker:
         except BaseException:
             self._fail(traceback.format_exc())
             raise
-        deliver = self._outputs.put if rank == config.parallel.output_rank else None
+        parallel = config.parallel
+        self._replica = rank // (parallel.world_size // parallel.data_parallel_size)  # this rank's DP rank
+        deliver = self._outputs.put if rank in parallel.output_ranks else None
         threading.Thread(target=report_passes, args=(self._passes, deliver, self._fail), daemon=True,
                          name="braid-worker-replies").start()
 
@@ -78,8 +83,15 @@ class _RayWorker:
 
     # ---- steps -------------------------------------------------------------------
     def execute_model(self, frame: bytes) -> None:
+        self._execute(lambda: self._so_decoder.decode(frame))
+
+    def execute_model_dp(self, frame: bytes) -> None:
+        """Data parallelism: the replicas' steps, of which this rank runs its replica's."""
+        self._execute(lambda: self._dp_decoder.decode(frame)[self._replica])
+
+    def _execute(self, scheduler_output) -> None:
         try:
-            for pending in self.worker.execute_model_async(self._so_decoder.decode(frame)):
+            for pending in self.worker.execute_model_async(scheduler_output()):
                 self._passes.put(pending)
         except Exception:  # noqa: BLE001 - the watch call reports it
             self._fail(traceback.format_exc())
@@ -207,6 +219,15 @@ class RayExecutor:
         output_actor = self.actors[self.output_rank]
         return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())
                 for _ in range(scheduler_output.num_steps)]
+
+    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list["RayPendingReply"]:
+        """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
+        empty); one pending reply per replica, from its output rank."""
+        frame = self._enc.encode(scheduler_outputs)
+        for actor in self.actors:
+            actor.execute_model_dp.remote(frame)
+        return [RayPendingReply(self, self.actors[rank].next_output.options(concurrency_group="reply").remote())
+                for rank in self.config.parallel.output_ranks]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         (reply,) = self.execute_model_async(scheduler_output)

@@ -68,8 +68,7 @@ def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
     model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
     for extra, flag in (({"async_scheduling": True}, "--async-scheduling"),
                         ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
-                        ({"num_scheduler_steps": 4}, "--num-scheduler-steps"),
-                        ({"distributed_executor_backend": "ray"}, "--distributed-executor-backend")):
+                        ({"num_scheduler_steps": 4}, "--num-scheduler-steps")):
         with pytest.raises(ValueError, match=f"--data-parallel-size 2 with {flag}"):
             EngineArgs(model=model, data_parallel_size=2, **extra).create_engine_config()
     with pytest.raises(ValueError, match="--data-parallel-size must be >= 1"):

@@ -1,7 +1,8 @@
 """The Ray executor (--distributed-executor-backend ray) on a local Ray cluster, gloo on
-CPU: TP=2 and TP=2 x PP=2 with async scheduling give the single-device greedy tokens,
-the KV pool is full afterwards, and a killed actor ends the engine with an error naming
-its rank within 10 s."""
+CPU: TP=2 and TP=2 x PP=2 with async scheduling, and data parallelism (DP=2 x EP on a
+MoE model, each replica's tokens from its own output actor), give the single-device
+greedy tokens, the KV pools are full afterwards, and a killed actor ends the engine with
+an error naming its rank within 10 s."""
 import os
 import signal
 import time
@@ -47,6 +48,24 @@ def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray):
             assert_pool_full(llm)
         finally:
             llm.llm_engine.engine_core.shutdown()
+
+
+def test_ray_data_parallel_moe_equals_single_device(tmp_path, local_ray):
+    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    # Uneven lengths: one replica idles (dummy batches through the actors) while the other runs.
+    params = [SamplingParams(temperature=0, max_tokens=16 if i % 2 == 0 else 3, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), params)
+    llm = LLM(model, kv_cache_memory="64MiB", distributed_executor_backend="ray", data_parallel_size=2,
+              enable_expert_parallel=True)
+    core = llm.llm_engine.engine_core
+    try:
+        assert type(core).__name__ == "DPEngineCore" and type(core.executor).__name__ == "RayExecutor"
+        assert _tokens(llm, params) == want
+        assert core.num_dummy_steps > 0
+        assert all(kv.num_free_blocks == kv.num_blocks for kv in core.kv_managers)
+    finally:
+        core.shutdown()
 
 
 def test_ray_killed_actor_ends_the_engine_within_10s(tmp_path, local_ray):

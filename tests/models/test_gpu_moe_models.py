@@ -38,6 +38,18 @@ def test_moe_models_match_hf_on_gpu(tmp_path, arch):
         torch.cuda.empty_cache()
 
 
+def _greedy(path, prompts, params, **kw) -> list[list[int]]:
+    """Tokens of one engine run (fp32, small pool), its workers stopped and memory freed after."""
+    llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", **kw)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("backend,eager", [("allgather_reducescatter", False), ("allgather_reducescatter", True),
                                            ("all_to_all", True)])
@@ -49,19 +61,9 @@ def test_dp2_expert_parallel_on_gpus_matches_one_gpu(tmp_path, backend, eager):
     params = [SamplingParams(temperature=0, max_tokens=24 if i % 2 == 0 else 4, ignore_eos=True)
               for i in range(len(PROMPTS))]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-
-    def run(**kw):
-        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", max_num_seqs=8, **kw)
-        try:
-            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
-
-    want = run(enforce_eager=True)
-    assert run(enforce_eager=eager, data_parallel_size=2, enable_expert_parallel=True, all2all_backend=backend) == want
+    want = _greedy(path, prompts, params, max_num_seqs=8, enforce_eager=True)
+    assert _greedy(path, prompts, params, max_num_seqs=8, enforce_eager=eager, data_parallel_size=2,
+                   enable_expert_parallel=True, all2all_backend=backend) == want
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -74,21 +76,11 @@ def test_dbo_split_decode_graphs_on_two_gpus(tmp_path):
     path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe", seed=3)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS * 3]
-
-    def run(**kw):
-        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory="512MiB", max_num_seqs=16,
-                  data_parallel_size=2, enable_expert_parallel=True, **kw)
-        try:
-            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-
-    want = run()
+    dp_ep = dict(max_num_seqs=16, data_parallel_size=2, enable_expert_parallel=True)
+    want = _greedy(path, prompts, params, **dp_ep)
     trace_dir = tmp_path / "t"
-    assert run(enable_dbo=True, dbo_decode_token_threshold=2, dbo_prefill_token_threshold=4,
-               trace_dir=str(trace_dir)) == want
+    assert _greedy(path, prompts, params, enable_dbo=True, dbo_decode_token_threshold=2,
+                   dbo_prefill_token_threshold=4, trace_dir=str(trace_dir), **dp_ep) == want
     for rank in range(2):
         (name,) = [f for f in os.listdir(trace_dir) if f.startswith(f"braid-trace-worker-{rank}-")]
         events = json.load(open(os.path.join(trace_dir, name)))["traceEvents"]

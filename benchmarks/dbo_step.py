@@ -50,7 +50,7 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
     _timed(llm, prompts(8 * args.dp, 32), 4)  # compile kernels
     print(f"{mode:>3} warm", flush=True)  # (dbo_profile.sh starts sampling here)
     out = dict(mode=mode, decode={}, prefill=None)
-    for batch in map(int, args.decode.split(",")):
+    for batch in [int(b) for b in args.decode.split(",") if b]:
         ps = prompts(batch * args.dp, 64)
         _timed(llm, ps, 1 + args.steps)  # every shape of this batch compiled before timing
         one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1, help="1: expert parallelism over the DP x TP ranks")
     p.add_argument("--modes", default="off,on,auto", help="off, on (--dbo-policy threshold), auto")
-    p.add_argument("--decode", default="64,128,256")
+    p.add_argument("--decode", default="64,128,256", help="decode tokens per rank, comma separated ('' for none)")
     p.add_argument("--prefill", type=int, default=4096)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

@@ -2,6 +2,7 @@
 # Issues 7/8 on 4 GPUs. Usage: benchmarks/gpu_ep.sh w1|dbo
 #  w1:  GPU DP x EP equivalence tests, then W1-style throughput (256 x 512/256) of both MoE shapes
 #       with DP=2 x EP (the two shapes side by side on GPUs 0,1 and 2,3) and DP=4 x EP, traced.
+#  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
 #  dbo: DBO GPU tests; DBO off/on/auto step times, DeepSeek-V2-Lite shape, DP=2 x EP over
 #       NVLink (GPUs 0,1) and with NCCL peer-to-peer off (GPUs 2,3), side by side; a traced run.
 source benchmarks/gpu_setup.sh
@@ -41,5 +42,13 @@ dbo)
   for f in /tmp/dbo_a.txt /tmp/dbo_b.txt /tmp/dbo_t.txt; do
     echo "== $f"; grep -E "ms/step|ERROR|Error|overlap" $f | tail -14
   done
+  ;;
+dbo4)
+  # DP=4 x EP over NVLink (off / on / auto, prefill also at 8192 tokens per rank), then the
+  # dense Llama-3-70B shape with TP=4: prefill off vs on.
+  timeout 300 python benchmarks/dbo_step.py --dp 4 --prefill 8192 --out "$out/dbo_step_dsv2lite_dp4_nvlink.json" \
+    2>&1 | grep -E "ms/step|ERROR|overlap"
+  timeout 240 python benchmarks/dbo_step.py --shape llama3-70b --dp 1 --tp 4 --ep 0 --modes off,on --decode "" \
+    --prefill 4096 --out "$out/dbo_step_llama3_70b_tp4.json" 2>&1 | grep -E "ms/step|ERROR"
   ;;
 esac

@@ -27,6 +27,8 @@ intermediate 128, max_position_embeddings 1024.
 - qwen3: q/k norms, explicit head_dim=32 (q width 128 != hidden 64), tied embeddings.
 - qwen3_moe: qwen3's attention (untied head), every layer a mixture of 8 experts
   (moe_intermediate_size 32), top-2, renormalised (mlp_only_layers makes some dense).
+- mixtral: mistral's attention (no window), every layer a mixture of 8 experts
+  (intermediate_size 32), top-2, renormalised; `block_sparse_moe` / w1 w2 w3 names.
 - deepseek_v2: multi-head latent attention (kv_lora_rank 32, rope 16, nope 16, v 24,
   no q compression; q_lora_rank=24 adds it), 3 layers, the first dense, then 8 routed
   experts top-2 plus 1 shared expert, greedy routing (topk_method/n_group/topk_group
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "deepseek_v2", "mixtral")
 
 TOKENIZER_VOCAB_SIZE = 384
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -128,6 +130,10 @@ def tiny_config(arch: str, **overrides: Any):
     elif arch == "qwen2":
         cls, name = transformers.Qwen2Config, "Qwen2ForCausalLM"
         common.update(tie_word_embeddings=True, use_sliding_window=False, rope_theta=10000.0)
+    elif arch == "mixtral":
+        cls, name = transformers.MixtralConfig, "MixtralForCausalLM"
+        common.update(tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0, intermediate_size=32,
+                      num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0)
     elif arch == "qwen3_moe":
         cls, name = transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM"
         common.update(tie_word_embeddings=False, head_dim=32, use_sliding_window=False, attention_bias=False,

@@ -13,6 +13,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("braid.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("braid.models.qwen3", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("braid.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "MixtralForCausalLM": ("braid.models.mixtral", "MixtralForCausalLM"),
     "DeepseekV2ForCausalLM": ("braid.models.deepseek_v2", "DeepseekV2ForCausalLM"),
 }
 

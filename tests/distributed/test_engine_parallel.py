@@ -30,13 +30,14 @@ def _tokens(llm, prompts, params=GREEDY):
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {"num_key_value_heads": 1}),
-                                            ("qwen3_moe", {"mlp_only_layers": [0]}), ("deepseek_v2", {})],
-                         ids=["llama", "qwen3-1kv", "qwen3-moe", "deepseek-v2"])
+                                            ("qwen3_moe", {"mlp_only_layers": [0]}), ("deepseek_v2", {}),
+                                            ("mixtral", {})],
+                         ids=["llama", "qwen3-1kv", "qwen3-moe", "deepseek-v2", "mixtral"])
 def test_tp2_equals_single_device(tmp_path, arch, overrides):
     model = make_tiny_checkpoint(arch, tmp_path / arch, **overrides)
     want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS)
     extras = [{}, {"async_scheduling": True, "num_scheduler_steps": 4}]
-    if arch in ("qwen3_moe", "deepseek_v2"):  # whole experts per rank, tokens moved by all-to-all
+    if arch in ("qwen3_moe", "deepseek_v2", "mixtral"):  # whole experts per rank, tokens exchanged
         extras.append({"enable_expert_parallel": True, "async_scheduling": True})
     for extra in extras:
         llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, **extra)

@@ -133,6 +133,8 @@ ARCH_CASES = [
     pytest.param("qwen3_moe", {}, False, id="qwen3-moe"),
     pytest.param("qwen3_moe", {"mlp_only_layers": [0], "norm_topk_prob": False, "num_hidden_layers": 3}, True,
                  id="qwen3-moe-dense-first-unnormalised-sharded"),
+    pytest.param("mixtral", {}, False, id="mixtral"),
+    pytest.param("mixtral", {"sliding_window": 12}, True, id="mixtral-sliding-window-sharded"),
     pytest.param("deepseek_v2", {}, False, id="deepseek-v2-lite-like"),
     pytest.param("deepseek_v2", {"q_lora_rank": 24, "topk_method": "group_limited_greedy", "n_group": 4,
                                  "topk_group": 2, "routed_scaling_factor": 2.0}, False,

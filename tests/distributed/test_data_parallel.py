@@ -73,3 +73,6 @@ def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
             EngineArgs(model=model, data_parallel_size=2, **extra).create_engine_config()
     with pytest.raises(ValueError, match="--data-parallel-size must be >= 1"):
         EngineArgs(model=model, data_parallel_size=0).create_engine_config()
+    with pytest.raises(ValueError, match="--all2all-backend must be one of allgather_reducescatter, all_to_all"):
+        EngineArgs(model=model, data_parallel_size=2, enable_expert_parallel=True,
+                   all2all_backend="pplx").create_engine_config()

@@ -101,3 +101,18 @@ def pp_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
         dist.recv(t, src=src, group=get_pp_group())
         out.append(t)
     return out
+
+
+def pp_send_to_first_stage(tokens: torch.Tensor) -> None:
+    """Multi-step under pipeline parallelism: the last stage's sampled ids [B] go to the first."""
+    from braid.distributed.parallel_state import get_pp_group, get_pp_ranks
+
+    dist.send(tokens.contiguous(), dst=get_pp_ranks()[0], group=get_pp_group())
+
+
+def pp_recv_from_last_stage(num_tokens: int, device: torch.device) -> torch.Tensor:
+    from braid.distributed.parallel_state import get_pp_group, get_pp_ranks
+
+    tokens = torch.empty(num_tokens, dtype=torch.int64, device=device)
+    dist.recv(tokens, src=get_pp_ranks()[-1], group=get_pp_group())
+    return tokens

@@ -203,9 +203,6 @@ class EngineArgs:
                                  f"parallel) must divide the model's {experts} experts")
         if self.enable_dbo and pp > 1:
             raise ValueError("--enable-dbo with --pipeline-parallel-size > 1 is not supported yet")
-        if pp > 1 and self.num_scheduler_steps > 1:
-            raise ValueError("--num-scheduler-steps > 1 with --pipeline-parallel-size > 1 is not supported yet: "
-                             "the next pass's input would have to travel from the last stage to the first")
         for name in ("num_attention_heads", "intermediate_size"):
             value = getattr(hf_config, name, None)
             if tp > 1 and value is not None and value % tp:

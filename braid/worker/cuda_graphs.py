@@ -226,16 +226,17 @@ class DecodeCudaGraphs:
         self._uploaded.record()
         (self.split_graphs if split else self.graphs)[size][0].replay()
 
-    def run_next(self, sampled: torch.Tensor, num_reqs: int) -> torch.Tensor:
+    def run_next(self, sampled: torch.Tensor, num_reqs: int):
         """The next pass of a multi-step run over the batch of the last run(): every request's
-        input becomes its sampled token one position on, advanced on the device; then replay."""
+        input becomes its sampled token one position on, advanced on the device; then replay.
+        A later pipeline stage has received its inputs into stage_input_rows(B) already."""
         size = self.bucket(num_reqs)
         d = self.dev
         advance_decode_inputs(d["input_ids"], d["positions"], d["seq_lens"], d["slot_mapping"], d["block_table"],
                               sampled, num_reqs, self.block_size)
-        graph, hidden = self.graphs[size]
+        graph, out = self.graphs[size]
         graph.replay()
-        return hidden[:num_reqs]
+        return tuple(t[:num_reqs] for t in out) if isinstance(out, tuple) else out[:num_reqs]
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

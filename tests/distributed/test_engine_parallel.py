@@ -135,6 +135,37 @@ def test_tp2_x_pp2_equals_single_device(tmp_path):
         llm.llm_engine.engine_core.shutdown()
 
 
+@pytest.mark.parametrize("parallel", [
+    dict(pipeline_parallel_size=2, num_scheduler_steps=4),
+    dict(pipeline_parallel_size=2, num_scheduler_steps=4, async_scheduling=True),
+    dict(pipeline_parallel_size=4, num_scheduler_steps=3),
+    dict(tensor_parallel_size=2, pipeline_parallel_size=2, num_scheduler_steps=4, async_scheduling=True),
+], ids=["pp2-ms4", "pp2-ms4-async", "pp4-ms3", "tp2-pp2-ms4-async"])
+def test_multi_step_through_the_pipeline_equals_single_device(tmp_path, parallel):
+    """Each pass of a multi-step decode batch feeds the last stage's samples back to the first
+    stage (middle stages only advance positions and cache slots)."""
+    model = make_tiny_checkpoint("llama", tmp_path / "llama", num_hidden_layers=4)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (13, 7, 10, 5)]
+    want = _tokens(LLM(model, kv_cache_memory="64MiB"), PROMPTS, params)
+    llm = LLM(model, kv_cache_memory="64MiB", **parallel)
+    core = llm.llm_engine.engine_core
+    steps = []
+    schedule = core.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        steps.append(out.num_steps)
+        return out
+
+    core.scheduler.schedule = recording
+    try:
+        assert _tokens(llm, PROMPTS, params) == want
+        assert max(steps) == parallel["num_scheduler_steps"]  # multi-step batches ran
+        assert_pool_full(llm)
+    finally:
+        core.shutdown()
+
+
 def test_smollm2_pp2_with_chunks_prefix_hits_and_preemption(smollm2_path):
     single = LLM(smollm2_path, max_model_len=256, kv_cache_memory="64MiB")
     tokenizer = single.get_tokenizer()
@@ -183,8 +214,6 @@ def test_unsupported_pipeline_combinations_are_refused(smollm2_path):
         EngineArgs(model=smollm2_path, pipeline_parallel_size=2, pp_layer_partition="a,b").create_engine_config()
     with pytest.raises(ValueError, match="--max-concurrent-batches must be >= 1"):
         EngineArgs(model=smollm2_path, max_concurrent_batches=0).create_engine_config()
-    with pytest.raises(ValueError, match="--num-scheduler-steps > 1 with --pipeline-parallel-size > 1"):
-        EngineArgs(model=smollm2_path, pipeline_parallel_size=2, num_scheduler_steps=4).create_engine_config()
     with pytest.raises(ValueError, match="--pipeline-parallel-size 31 exceeds"):
         EngineArgs(model=smollm2_path, pipeline_parallel_size=31).create_engine_config()
 

@@ -26,6 +26,7 @@ CASES = {
     "tp2-async-ms4": dict(tensor_parallel_size=2, async_scheduling=True, num_scheduler_steps=4),
     "tp2xpp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True),
     "pp4": dict(pipeline_parallel_size=4),
+    "pp2-async-ms4": dict(pipeline_parallel_size=2, async_scheduling=True, num_scheduler_steps=4),
 }
 
 

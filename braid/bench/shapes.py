@@ -16,8 +16,8 @@ SHAPES = {
         num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
         rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
         hidden_act="silu", torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001),
-    # DeepSeek-V2-Lite's public config, without its yarn rope scaling (not implemented;
-    # with random weights it changes no cost).
+    # DeepSeek-V2-Lite's public config (yarn rope scaling included); max_position_embeddings
+    # 8192 instead of 163840 only keeps the rotary cos/sin caches small.
     "deepseek-v2-lite": dict(
         architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
@@ -25,6 +25,8 @@ SHAPES = {
         kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
         head_dim=64, topk_method="greedy", n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=False,
         vocab_size=102400, max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-6,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707),
         tie_word_embeddings=False, hidden_act="silu", torch_dtype="bfloat16", bos_token_id=100000,
         eos_token_id=100001, attention_bias=False),
     "qwen3-30b-a3b": dict(

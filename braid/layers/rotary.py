@@ -4,7 +4,7 @@ The cache holds cos and sin for every position up to max_position, computed in
 float32 exactly as HF transformers computes them (inv_freq, then
 positions * inv_freq, then cos/sin), so float32 outputs match HF.
 
-Supported rope types: default (none), "linear", "llama3". Any other type is a
+Supported rope types: default (none), "linear", "llama3", "yarn". Any other type is a
 ValueError naming it. `rope_params_from_config` reads rope_theta/rope_scaling
 from both transformers 4 (`config.rope_theta`, `config.rope_scaling`) and
 transformers 5 (`config.rope_parameters`) configs.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_params_from_config(config: Any) -> tuple[float, dict | None]:
@@ -73,7 +73,42 @@ def compute_inv_freq(
         smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         inv_freq = torch.where(is_medium, smoothed, inv_freq_llama)
+    elif rope_type == "yarn":
+        return _yarn_inv_freq(rotary_dim, base, scaling, max_position)
     return inv_freq, 1.0
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, base: float, scaling: dict, max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071), as HF computes it: interpolated frequencies below the
+    correction range, extrapolated above it, a linear ramp between; cos/sin scaled by
+    the attention factor."""
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_position / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp  # weight of the unscaled frequencies
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from braid.layers.attention.layer import Attention
 from braid.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, divide
 from braid.layers.moe.layer import FusedMoE
 from braid.layers.norm import RMSNorm
-from braid.layers.rotary import RotaryEmbedding, get_rope_from_config
+from braid.layers.rotary import RotaryEmbedding, get_rope_from_config, rope_params_from_config, rope_type_of, yarn_mscale
 from braid.models.llama import LlamaForCausalLM, LlamaMLP, dense_mlp
 from braid.models.moe_weights import expert_weight_target, num_experts_of
 
@@ -64,12 +64,14 @@ class DeepseekV2MLAttention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(self.rank, total_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = RowParallelLinear(total_heads * self.v_dim, hidden, bias=bool(config.attention_bias))
         self.rotary_emb: RotaryEmbedding = get_rope_from_config(config, self.rope)
-        if self.rotary_emb.rope_type != "default":
-            raise ValueError(f"DeepSeek-V2 with rope type {self.rotary_emb.rope_type!r} is not supported yet "
-                             f"(yarn's softmax scale correction is not implemented)")
+        # YaRN also sharpens the softmax: scale x mscale(factor, mscale_all_dim)^2, as DeepSeek does.
+        scale = qk_dim ** -0.5
+        _, scaling = rope_params_from_config(config)
+        if rope_type_of(scaling) == "yarn" and scaling.get("mscale_all_dim"):
+            scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
         self.register_buffer("deinterleave", torch.cat([torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)]),
                              persistent=False)
-        self.attn = Attention(self.num_heads, self.rank + self.rope, 1, scale=qk_dim ** -0.5, layer_idx=layer_idx)
+        self.attn = Attention(self.num_heads, self.rank + self.rope, 1, scale=scale, layer_idx=layer_idx)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         t, h = hidden_states.shape[0], self.num_heads

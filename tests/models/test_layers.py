@@ -30,10 +30,14 @@ LLAMA3 = {
 }
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1}
+
+
 @pytest.mark.parametrize(
     "rope_scaling,theta",
-    [(None, 10000.0), ({"rope_type": "linear", "factor": 2.0}, 10000.0), (LLAMA3, 500000.0)],
-    ids=["default", "linear", "llama3"],
+    [(None, 10000.0), ({"rope_type": "linear", "factor": 2.0}, 10000.0), (LLAMA3, 500000.0), (YARN, 10000.0),
+     ({**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}, 10000.0)],
+    ids=["default", "linear", "llama3", "yarn", "yarn-mscale"],
 )
 def test_rotary_matches_hf(rope_scaling, theta):
     heads, kv_heads, head_dim, tokens = 4, 2, 32, 11

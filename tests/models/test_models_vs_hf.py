@@ -139,6 +139,10 @@ ARCH_CASES = [
     pytest.param("deepseek_v2", {"q_lora_rank": 24, "topk_method": "group_limited_greedy", "n_group": 4,
                                  "topk_group": 2, "routed_scaling_factor": 2.0}, False,
                  id="deepseek-v2-q-lora-grouped-routing"),
+    pytest.param("deepseek_v2", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                  "mscale_all_dim": 0.707}}, False,
+                 id="deepseek-v2-yarn"),
     pytest.param(
         "llama",
         {

@@ -376,9 +376,9 @@ def test_unknown_architecture_gives_clear_error():
 
 
 def test_unsupported_rope_type_names_it():
-    cfg = _config_for("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    cfg = _config_for("llama", rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     mc = ModelConfig(model="unused", hf_config=cfg, dtype=torch.float32, load_format="dummy", max_model_len=64)
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="unsupported rope type 'dynamic'"):
         load_model(mc, "cpu")
 
 

@@ -101,43 +101,34 @@ class UBatchContext:
             hook()
 
     # ---- streams ---------------------------------------------------------------------
-    def _switch(self, src, dst, kind: str) -> None:
-        if src is None:
-            return
-        self._close_segment()
-        event = torch.cuda.Event()
-        event.record(src)
-        dst.wait_event(event)  # dst continues this micro-batch's work after src's
-        torch.cuda.set_stream(dst)
-        self._open_segment(kind)
-
-    def switch_to_comm(self) -> None:
-        self._switch(self.group.streams.compute, self.group.streams.comm, "comm")
-
-    def switch_to_compute(self) -> None:
-        self._switch(self.group.streams.comm, self.group.streams.compute, "compute")
-
-    def _yield_and_switch(self, src, dst, kind: str) -> None:
-        """Capture this micro-batch's work so far on `src`, let the other micro-batch run, then
-        continue on `dst` after that work (and after nothing of the other micro-batch's)."""
+    def _move(self, src, dst, kind: str, hand_over: bool) -> None:
+        """Capture this micro-batch's work so far on `src`, let the other micro-batch run (if
+        `hand_over`), then continue on `dst` after that work (and after nothing of the other's)."""
         self._close_segment()
         event = None
         if src is not None:
             event = torch.cuda.Event()
             event.record(src)
-        self._hand_over()
+        if hand_over:
+            self._hand_over()
         if event is not None:
             dst.wait_event(event)
             torch.cuda.set_stream(dst)
         self._open_segment(kind)
 
+    def switch_to_comm(self) -> None:
+        self._move(self.group.streams.compute, self.group.streams.comm, "comm", hand_over=False)
+
+    def switch_to_compute(self) -> None:
+        self._move(self.group.streams.comm, self.group.streams.compute, "compute", hand_over=False)
+
     def yield_and_switch_from_compute_to_comm(self) -> None:
         """Before a collective: the other micro-batch launches its compute meanwhile."""
-        self._yield_and_switch(self.group.streams.compute, self.group.streams.comm, "comm")
+        self._move(self.group.streams.compute, self.group.streams.comm, "comm", hand_over=True)
 
     def yield_and_switch_from_comm_to_compute(self) -> None:
         """After a collective: this micro-batch's compute then waits for its own communication only."""
-        self._yield_and_switch(self.group.streams.comm, self.group.streams.compute, "compute")
+        self._move(self.group.streams.comm, self.group.streams.compute, "compute", hand_over=True)
 
 
 class _Aborted(BaseException):

@@ -110,16 +110,15 @@ def _gather(group, ep_size: int, send: torch.Tensor) -> tuple[torch.Tensor, Call
     if dist.get_backend(group) == "nccl":
         work = dist.all_gather_into_tensor(out, send, group=group, async_op=True)
         return out, work.wait
-    # gloo (CPU tests) has no all_gather_into_tensor: gather the list, then copy it in.
+    # gloo (CPU tests) has no all_gather_into_tensor: gather into the ranks' chunks of `out`.
     parts = list(out.chunk(ep_size))
     work = dist.all_gather(parts, send, group=group, async_op=True)
     return out, work.wait
 
 
 class AllGatherDispatcher:
-    def __init__(self, group, ep_size: int, experts_per_rank: int, first_expert: int) -> None:
-        self.group, self.ep_size = group, ep_size
-        self.experts_per_rank, self.first_expert = experts_per_rank, first_expert
+    def __init__(self, group, ep_size: int, first_expert: int) -> None:
+        self.group, self.ep_size, self.first_expert = group, ep_size, first_expert
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, padded_tokens: int,
                  async_op: bool = False) -> tuple[Gathered, Callable[[], None]]:

@@ -54,7 +54,7 @@ class FusedMoE(nn.Module):
             self.first_expert = layout.ep_rank * local
             self.inter = intermediate_size  # whole experts: no slicing
             self.gather_all = layout.all2all_backend == "allgather_reducescatter"
-            self.dispatcher = (AllGatherDispatcher(get_ep_group(), self.ep_size, local, self.first_expert)
+            self.dispatcher = (AllGatherDispatcher(get_ep_group(), self.ep_size, self.first_expert)
                                if self.gather_all else AllToAllDispatcher(get_ep_group(), self.ep_size, local))
         else:
             local, self.first_expert = num_experts, 0

@@ -121,9 +121,9 @@ def profile_engine(batches, context, steps, enforce_eager) -> list[dict]:
                 k[0] += ev.time_range.elapsed_us() / 1e3 / steps
                 k[1] += 1
         gpu_ms = sum(v[0] for v in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
         rows.append(dict(batch=b, enforce_eager=enforce_eager, wall_ms_median=statistics.median(walls),
-                         gpu_kernel_ms_per_step=gpu_ms,
+                         gpu_kernel_ms_per_step=gpu_ms, kernels_per_step=sum(v[1] for v in kernels.values()) / steps,
                          top_kernels=[dict(name=n, ms_per_step=v[0], launches_per_step=v[1] / steps)
                                       for n, v in top]))
         core.abort_requests(ids)
@@ -164,8 +164,8 @@ def main() -> None:
         result["engine"] = profile_engine(batches, a.context, a.steps, a.enforce_eager)
         for r in result["engine"]:
             print(f"engine b={r['batch']} eager={r['enforce_eager']} wall {r['wall_ms_median']:.2f} ms  "
-                  f"gpu kernels {r['gpu_kernel_ms_per_step']:.2f} ms/step")
-            for k in r["top_kernels"][:10]:
+                  f"gpu kernels {r['gpu_kernel_ms_per_step']:.2f} ms/step, {r['kernels_per_step']:.0f} kernels/step")
+            for k in r["top_kernels"][:16]:
                 print(f"   {k['ms_per_step']:7.3f} ms  x{k['launches_per_step']:<5.0f} {k['name'][:70]}")
     write_result(a.out, result)
 

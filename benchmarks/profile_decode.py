@@ -150,7 +150,7 @@ def main() -> None:
         for r in result["gemm"]:
             print(f"gemm {r['matrix']:>8} m={r['m']:<4} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}  x{r['ratio']:.2f}")
     if "attention" in parts:
-        result["attention"] = bench_attention([b for b in batches if b > 1] or batches, a.context, bw)
+        result["attention"] = bench_attention(batches, a.context, bw)
         ok = [r for r in result["attention"] if "ms" in r]
         for b in sorted({r["batch"] for r in ok}):
             best = sorted((r for r in ok if r["batch"] == b), key=lambda r: r["ms"])

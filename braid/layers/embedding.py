@@ -13,6 +13,7 @@ from torch import nn
 
 from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_tp_rank, get_tp_size
+from braid.layers.linear import linear
 
 
 def pad_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -89,7 +90,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def get_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] logits (in the weight's dtype), padding columns dropped."""
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias)
         if self.tp_size > 1:
             logits = tensor_model_parallel_all_gather(logits, dim=-1)
         if logits.shape[-1] != self.num_embeddings:

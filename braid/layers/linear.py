@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and (bias is None or bias.dtype == x.dtype)):
         from braid.layers.triton_ops.skinny_gemm import config_for_rows, skinny_gemm
 
-        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows), silu_mul=silu_mul)
+        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows, silu_mul), silu_mul=silu_mul)
         return y.view(*x.shape[:-1], weight.shape[0])
     if silu_mul:
         x = silu_and_mul(x)

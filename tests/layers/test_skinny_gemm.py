@@ -77,8 +77,15 @@ def test_skinny_gemm_rejects_column_major_weight():
         sk.skinny_gemm(randn(2, 64, seed=6), randn(64, 32, seed=7).t(), None)
 
 
-def test_config_follows_row_count():
-    assert sk.config_for_rows(1).block_k == 256 and sk.config_for_rows(64).block_k == 128
+def test_config_follows_row_count_and_fits_shared_memory():
+    h100 = 232448
+    assert sk.config_for_rows(1, shared_memory=h100).block_k == 256
+    assert sk.config_for_rows(64, shared_memory=h100).block_k == 128
+    assert sk.config_for_rows(64, shared_memory=h100).num_stages == 5
+    # 64 rows with silu_mul stage two [128, 64] activation tiles: 5 stages (240 KB) would not fit.
+    fused = sk.config_for_rows(64, silu_mul=True, shared_memory=h100)
+    assert fused.num_stages == 4 and fused.num_stages * (64 + 2 * 64) * 128 * 2 <= h100
+    assert sk.config_for_rows(64, silu_mul=True, shared_memory=166912).num_stages == 3  # A100
     assert sk.block_m_for(1) == 16 and sk.block_m_for(17) == 32 and sk.block_m_for(64) == 64
 
 

@@ -12,6 +12,7 @@ Torch reference: torch.nn.functional.linear.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +84,23 @@ def _split_k_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config_for_rows(m: int) -> SkinnyConfig:
+def config_for_rows(m: int, silu_mul: bool = False, shared_memory: int | None = None) -> SkinnyConfig:
     """Tile shape by row count, from the Llama-3-8B sweep on H100 (benchmarks/skinny_gemm.py):
     long K tiles with deep pipelining read fastest for up to 16 rows; beyond, shorter K tiles
-    keep the activation tile's share of shared memory in check."""
-    return SkinnyConfig(block_n=64, block_k=256 if m <= 16 else 128, split_k=1, num_warps=4, num_stages=5)
+    keep the activation tile's share of shared memory in check. The pipeline is as deep as
+    the device's shared memory allows (silu_mul stages two activation tiles)."""
+    block_n, block_k = 64, (256 if m <= 16 else 128)
+    per_stage = (block_n + (2 if silu_mul else 1) * block_m_for(m)) * block_k * 2
+    budget = (shared_memory if shared_memory is not None else _shared_memory_per_block()) - 16 * 1024
+    stages = max(2, min(5, budget // per_stage))
+    return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=1, num_warps=4, num_stages=stages)
+
+
+@functools.cache
+def _shared_memory_per_block() -> int:
+    if not torch.cuda.is_available():
+        return 232448  # H100's opt-in limit; only the interpreter gets here
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
 
 
 def block_m_for(m: int) -> int:

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from braid.bench.floors import _median_ms, measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.floors import _median_ms, graph_median_ms, measure_copy_bandwidth, measure_matmul_rate
 from braid.bench.run_info import run_info, write_result
 from braid.bench.shapes import SHAPES, write_shape
 
@@ -69,8 +69,8 @@ def bench_attention(batches, context, bw) -> list[dict]:
                 fn = lambda: unified_attention(out, q, cache, qsl, seq_lens, table, 1, 0.088, **cfg)  # noqa: E731
             else:
                 fn = lambda: split_kv_decode_attention(out, q, cache, qsl, seq_lens, table, scale=0.088, **cfg)  # noqa: E731
-            try:
-                ms = _median_ms(fn, iters=30)
+            try:  # 8 launches per graph: one launch alone is too short to time well
+                ms = graph_median_ms(lambda: [fn() for _ in range(8)], calls=8)
             except Exception as e:  # a config Triton cannot compile (shared memory) is skipped
                 rows.append(dict(batch=b, kernel=kind, **cfg, error=str(e)[:200]))
                 continue
@@ -121,9 +121,13 @@ def profile_engine(batches, context, steps, enforce_eager) -> list[dict]:
                 k[0] += ev.time_range.elapsed_us() / 1e3 / steps
                 k[1] += 1
         gpu_ms = sum(v[0] for v in kernels.values())
+        ordered = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda ev: ev.time_range.start)
+        first_kernels = [dict(name=ev.name[:60], us=ev.time_range.elapsed_us()) for ev in ordered[:24]]
         top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
         rows.append(dict(batch=b, enforce_eager=enforce_eager, wall_ms_median=statistics.median(walls),
                          gpu_kernel_ms_per_step=gpu_ms, kernels_per_step=sum(v[1] for v in kernels.values()) / steps,
+                         first_kernels=first_kernels,
                          top_kernels=[dict(name=n, ms_per_step=v[0], launches_per_step=v[1] / steps)
                                       for n, v in top]))
         core.abort_requests(ids)
@@ -167,6 +171,7 @@ def main() -> None:
                   f"gpu kernels {r['gpu_kernel_ms_per_step']:.2f} ms/step, {r['kernels_per_step']:.0f} kernels/step")
             for k in r["top_kernels"][:16]:
                 print(f"   {k['ms_per_step']:7.3f} ms  x{k['launches_per_step']:<5.0f} {k['name'][:70]}")
+            print("   first kernels of a step: " + ", ".join(f"{k['name'][:22]} {k['us']:.1f}" for k in r["first_kernels"]))
     write_result(a.out, result)
 
 

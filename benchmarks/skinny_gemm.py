@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from braid.bench.floors import measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.floors import graph_median_ms, measure_copy_bandwidth, measure_matmul_rate
 from braid.bench.run_info import run_info, write_result
 from braid.layers.triton_ops.skinny_gemm import SkinnyConfig, skinny_gemm
 
@@ -27,29 +26,10 @@ LLAMA_MATRICES = {  # name: (in_features K, out_features N) for Llama-3-8B
 }
 
 
-def graph_ms_per_call(fn, calls: int, replays: int = 10) -> float:
-    fn()  # compile / pick algorithms outside the capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times) / calls
-
-
 def read_bandwidth(nbytes: int = 4 * 2**30) -> float:
     """Bytes/s of a read-mostly kernel (a sum): what a GEMV could reach at best."""
     t = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    ms = graph_ms_per_call(lambda: t.sum(dtype=torch.float32), 1)
+    ms = graph_median_ms(lambda: t.sum(dtype=torch.float32), 1)
     del t
     torch.cuda.empty_cache()
     return nbytes / (ms / 1e3)
@@ -82,7 +62,7 @@ def main() -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             floor = max(nbytes / bw, 2 * m * n * k / flops) * 1e3
             ref = F.linear(x, ws[0])
-            cublas = graph_ms_per_call(lambda: [F.linear(x, w) for w in ws], copies)
+            cublas = graph_median_ms(lambda: [F.linear(x, w) for w in ws], copies)
             row = dict(matrix=name, m=m, k=k, n=n, floor_ms=floor, cublas_ms=cublas,
                        cublas_read_TBps=nbytes / cublas / 1e9)
             if m <= a.triton_max_m:
@@ -90,7 +70,7 @@ def main() -> None:
                 for cfg in configs():
                     try:
                         err = (skinny_gemm(x, ws[0], None, cfg).float() - ref.float()).abs().max().item()
-                        ms = graph_ms_per_call(lambda: [skinny_gemm(x, w, None, cfg) for w in ws], copies)
+                        ms = graph_median_ms(lambda: [skinny_gemm(x, w, None, cfg) for w in ws], copies)
                     except Exception as e:  # shared memory overflow and the like: skip the config
                         tried.append(dict(config=cfg.__dict__, error=str(e)[:120]))
                         continue

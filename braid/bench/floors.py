@@ -20,6 +20,28 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def graph_median_ms(fn, calls: int = 1, replays: int = 10) -> float:
+    """Median ms per call of `fn` (which makes `calls` calls) replayed as one CUDA graph:
+    GPU time without the host's launch latency, as in a decode step's graph."""
+    fn()  # compile / pick algorithms outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2] / calls
+
+
 def measure_copy_bandwidth(nbytes: int = 4 * 2**30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")

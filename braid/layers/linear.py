@@ -23,7 +23,6 @@ from torch import nn
 
 from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_tp_rank, get_tp_size
-from braid.layers.activation import silu_and_mul
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -51,20 +50,16 @@ SKINNY_MIN_WEIGHT_ELEMENTS = 1 << 22  # below ~8 MB a GEMM is launch-bound eithe
 _SKINNY_ENABLED = os.environ.get("BRAID_SKINNY_GEMM", "1") != "0"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           silu_mul: bool = False) -> torch.Tensor:
-    """F.linear, with the Triton skinny GEMM for few rows on CUDA. silu_mul: x is
-    [..., 2K] = [gate | up] and the input is silu(gate) * up (fused into the GEMM there)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the Triton skinny GEMM for few rows on CUDA."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (_SKINNY_ENABLED and x.is_cuda and 0 < rows <= SKINNY_MAX_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT_ELEMENTS
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()
             and (bias is None or bias.dtype == x.dtype)):
         from braid.layers.triton_ops.skinny_gemm import config_for_rows, skinny_gemm
 
-        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows, silu_mul), silu_mul=silu_mul)
+        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows))
         return y.view(*x.shape[:-1], weight.shape[0])
-    if silu_mul:
-        x = silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 
@@ -221,10 +216,9 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         _copy(param, loaded_weight.narrow(1, self.tp_rank * size, size), "RowParallelLinear")
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        """silu_mul: x is [gate | up] and the layer's input is silu(gate) * up (see `linear`)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on rank 0 only, so the sum over ranks adds it once.
-        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None, silu_mul=silu_mul)
+        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.reduce_results and self.tp_size > 1:
             y = tensor_model_parallel_all_reduce(y)
         return y

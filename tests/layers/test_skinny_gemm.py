@@ -14,7 +14,6 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from braid.layers import linear as linear_mod  # noqa: E402
-from braid.layers.activation import silu_and_mul_ref  # noqa: E402
 from braid.layers.triton_ops import skinny_gemm as sk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,24 +53,6 @@ def test_skinny_gemm_half_precision_and_strided_rows(dtype):
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("m,k,config", [(3, 128, sk.SkinnyConfig(block_n=32, block_k=64)),
-                                        (20, 96, sk.SkinnyConfig(block_n=32, block_k=64, split_k=2))])
-def test_skinny_gemm_fuses_silu_and_mul(m, k, config):
-    """The fused input equals the separate silu_and_mul; a wrong half (up read as gate) would not."""
-    gate_up = randn(m, 2 * k, seed=13, dtype=torch.float16)
-    w = randn(64, k, seed=14, dtype=torch.float16)
-    out = sk.skinny_gemm(gate_up, w, None, config, silu_mul=True)
-    ref = F.linear(silu_and_mul_ref(gate_up).float(), w.float())
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    swapped = F.linear(silu_and_mul_ref(gate_up.flip(-1)).float(), w.float())
-    assert not torch.allclose(out.float(), swapped, rtol=2e-2, atol=2e-2)
-
-
-def test_linear_silu_mul_off_cuda_is_the_separate_ops():
-    gate_up, w = randn(4, 64, seed=15), randn(16, 32, seed=16)
-    torch.testing.assert_close(linear_mod.linear(gate_up, w, silu_mul=True), F.linear(silu_and_mul_ref(gate_up), w))
-
-
 def test_skinny_gemm_rejects_column_major_weight():
     with pytest.raises(ValueError, match="row-major"):
         sk.skinny_gemm(randn(2, 64, seed=6), randn(64, 32, seed=7).t(), None)
@@ -82,10 +63,8 @@ def test_config_follows_row_count_and_fits_shared_memory():
     assert sk.config_for_rows(1, shared_memory=h100).block_k == 256
     assert sk.config_for_rows(64, shared_memory=h100).block_k == 128
     assert sk.config_for_rows(64, shared_memory=h100).num_stages == 5
-    # 64 rows with silu_mul stage two [128, 64] activation tiles: 5 stages (240 KB) would not fit.
-    fused = sk.config_for_rows(64, silu_mul=True, shared_memory=h100)
-    assert fused.num_stages == 4 and fused.num_stages * (64 + 2 * 64) * 128 * 2 <= h100
-    assert sk.config_for_rows(64, silu_mul=True, shared_memory=166912).num_stages == 3  # A100
+    # 64 rows on an A100: a stage is [64 + 64, 128] bf16 (32 KB); 5 stages would leave no margin.
+    assert sk.config_for_rows(64, shared_memory=166912).num_stages == 4
     assert sk.block_m_for(1) == 16 and sk.block_m_for(17) == 32 and sk.block_m_for(64) == 64
 
 
@@ -109,14 +88,3 @@ def test_linear_dispatch_on_cuda(m):
     assert spy.call_count == (1 if m <= linear_mod.SKINNY_MAX_ROWS else 0)
     torch.testing.assert_close(out[0].float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=2e-2)
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 64, 65])
-def test_linear_silu_mul_on_cuda_matches_separate_ops(m):
-    """Llama-3-8B down projection: fused (<= 64 rows) and separate (cuBLAS) paths agree."""
-    gate_up = randn(m, 2 * 14336, seed=17, dtype=torch.bfloat16)
-    w = randn(4096, 14336, seed=18, dtype=torch.bfloat16) * 0.02
-    out = linear_mod.linear(gate_up, w, silu_mul=True)
-    ref = F.linear(silu_and_mul_ref(gate_up), w)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -31,8 +31,8 @@ class SkinnyConfig:
 
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
-                        K_PER_SPLIT, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                        K_PER_SPLIT, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,10 +57,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
             w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & k_mask[None, :], other=0.0)
             x_mask = m_mask & k_mask[:, None]
         x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if SILU_MUL:  # x rows are [gate | up]: the input is silu(gate) * up, rounded as silu_and_mul rounds
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=x_mask, other=0.0).to(tl.float32)
-            x = ((gate / (1.0 + tl.exp(-gate))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
         acc = tl.dot(w, x, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
@@ -84,13 +80,13 @@ def _split_k_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config_for_rows(m: int, silu_mul: bool = False, shared_memory: int | None = None) -> SkinnyConfig:
+def config_for_rows(m: int, shared_memory: int | None = None) -> SkinnyConfig:
     """Tile shape by row count, from the Llama-3-8B sweep on H100 (benchmarks/skinny_gemm.py):
     long K tiles with deep pipelining read fastest for up to 16 rows; beyond, shorter K tiles
     keep the activation tile's share of shared memory in check. The pipeline is as deep as
-    the device's shared memory allows (silu_mul stages two activation tiles)."""
+    the device's shared memory allows."""
     block_n, block_k = 64, (256 if m <= 16 else 128)
-    per_stage = (block_n + (2 if silu_mul else 1) * block_m_for(m)) * block_k * 2
+    per_stage = (block_n + block_m_for(m)) * block_k * 2
     budget = (shared_memory if shared_memory is not None else _shared_memory_per_block()) - 16 * 1024
     stages = max(2, min(5, budget // per_stage))
     return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=1, num_warps=4, num_stages=stages)
@@ -108,12 +104,9 @@ def block_m_for(m: int) -> int:
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: SkinnyConfig = SkinnyConfig(), silu_mul: bool = False) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype; weight row-major.
-    silu_mul: x is [M, 2K] = [gate | up] and the GEMM's input is silu(gate) * up (fused)."""
+                config: SkinnyConfig = SkinnyConfig()) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype; weight row-major."""
     m, k = x.shape
-    if silu_mul:
-        k //= 2
     n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"skinny_gemm: weight {tuple(weight.shape)} must be a row-major [N, {k}] matrix")
@@ -131,7 +124,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split,
-        HAS_BIAS=bias is not None and split == 1, SILU_MUL=silu_mul, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:

@@ -13,12 +13,17 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] along the last dim -> silu(gate) * up (half the width)."""
+    if x.is_cuda:
+        from braid.layers.triton_ops.silu_mul import silu_and_mul as triton_silu_and_mul  # triton only with CUDA
+
+        return triton_silu_and_mul(x)
+    return silu_and_mul_ref(x)
+
+
 class SiluAndMul(nn.Module):
     """x = [gate | up] along the last dim -> silu(gate) * up (half the width)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from braid.layers.triton_ops.silu_mul import silu_and_mul  # triton only where CUDA is
-
-            return silu_and_mul(x)
-        return silu_and_mul_ref(x)
+        return silu_and_mul(x)

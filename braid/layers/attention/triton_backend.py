@@ -8,7 +8,6 @@ kernels. Same contract as torch_ref.TorchReferenceBackend, which is the spec.
 from __future__ import annotations
 
 import torch
-import triton
 
 from braid.layers.attention.metadata import AttentionMetadata
 from braid.layers.attention.triton_cache_write import write_kv_cache_triton
@@ -18,10 +17,11 @@ from braid.layers.attention.triton_unified_attention import unified_attention, w
 # Split-KV decode pays a second launch and fp32 scratch traffic; it wins when one
 # program per (request, kv head) leaves most SMs idle. H100 profile (Llama-3-8B shape,
 # context 512): batch 1 spent ~30 us per layer in 8 serial programs unsplit; batch 64
-# (512 programs) gains nothing from splitting. The choice depends on the batch's shape
+# (512 programs) gains nothing from splitting, batch 16 (128 programs) runs 20% faster split
+# 4 ways than 2 (graph-timed, benchmarks/profile_decode.py). The choice depends on the batch's shape
 # only, never on its lengths: a CUDA graph (captured for any length) and an eager run
 # of the same batch must reduce in the same order to give the same tokens.
-TARGET_PROGRAMS = 256  # about two programs per SM on an H100 (132 SMs)
+TARGET_PROGRAMS = 512  # about four programs per SM on an H100 (132 SMs)
 MAX_SPLITS = 16
 
 

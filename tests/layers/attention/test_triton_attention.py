@@ -127,10 +127,11 @@ def test_split_kv_decode(num_splits, sliding_window):
 def test_split_count_heuristic():
     assert choose_num_splits(max_query_len=5, num_reqs=1, num_kv_heads=8) == 1  # not decode-only
     assert choose_num_splits(1, 1, 8) == 16  # one request: 8 programs alone would idle the GPU (capped)
-    assert choose_num_splits(1, 4, 8) == 8
-    assert choose_num_splits(1, 3, 8) == 8  # as its padded CUDA-graph bucket (4) would
-    assert choose_num_splits(1, 16, 8) == 2
-    assert choose_num_splits(1, 32, 8) == 1  # enough programs without splitting
+    assert choose_num_splits(1, 8, 8) == 8
+    assert choose_num_splits(1, 5, 8) == 8  # as its padded CUDA-graph bucket (8) would
+    assert choose_num_splits(1, 16, 8) == 4
+    assert choose_num_splits(1, 32, 8) == 2
+    assert choose_num_splits(1, 64, 8) == 1  # enough programs without splitting
 
 
 def test_split_kv_chosen_automatically_for_long_decode(monkeypatch):

@@ -23,7 +23,6 @@ from torch import nn
 
 from braid.distributed.comm import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_tp_rank, get_tp_size
-from braid.layers.activation import silu_and_mul
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -51,20 +50,17 @@ SKINNY_MIN_WEIGHT_ELEMENTS = 1 << 22  # below ~8 MB a GEMM is launch-bound eithe
 _SKINNY_ENABLED = os.environ.get("BRAID_SKINNY_GEMM", "1") != "0"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           silu_mul: bool = False) -> torch.Tensor:
-    """F.linear, with the Triton skinny GEMM for few rows on CUDA. silu_mul: weight is
-    [gate; up] and the result is silu(gate) * up (in the GEMM's epilogue there)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the Triton skinny GEMM for few rows on CUDA."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (_SKINNY_ENABLED and x.is_cuda and 0 < rows <= SKINNY_MAX_ROWS and weight.numel() >= SKINNY_MIN_WEIGHT_ELEMENTS
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.is_contiguous()
             and (bias is None or bias.dtype == x.dtype)):
         from braid.layers.triton_ops.skinny_gemm import config_for_rows, skinny_gemm
 
-        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows, silu_mul), silu_mul=silu_mul)
-        return y.view(*x.shape[:-1], y.shape[-1])
-    y = F.linear(x, weight, bias)
-    return silu_and_mul(y) if silu_mul else y
+        y = skinny_gemm(x.reshape(rows, x.shape[-1]), weight, bias, config_for_rows(rows))
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -148,15 +144,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         shard_offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         src = loaded_weight.narrow(0, self.tp_rank * shard_size, shard_size)
         _copy(param.data.narrow(0, shard_offset, shard_size), src, f"MergedColumnParallelLinear shard {shard_id}")
-
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
-        """silu_mul: return silu(gate) * up of the two parts [gate | up] (this rank's columns),
-        fused into the GEMM where `linear` can."""
-        if not silu_mul:
-            return super().forward(x)
-        if self.gather_output or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
-            raise ValueError("silu_mul needs two equal parts [gate | up] and gather_output=False")
-        return linear(x, self.weight, self.bias, silu_mul=True)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from braid.distributed.parallel_state import pp_layer_range
+from braid.layers.activation import SiluAndMul
 from braid.layers.attention.layer import Attention
 from braid.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from braid.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -56,10 +57,10 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"unsupported hidden_act {hidden_act!r}: only 'silu' is implemented")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # silu(gate) * up comes out of the gate/up GEMM's epilogue where it can (decode sizes on CUDA).
-        return self.down_proj(self.gate_up_proj(x, silu_mul=True))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from braid.layers import linear as linear_mod  # noqa: E402
-from braid.layers.activation import silu_and_mul_ref  # noqa: E402
-from braid.layers.linear import MergedColumnParallelLinear  # noqa: E402
 from braid.layers.triton_ops import skinny_gemm as sk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,37 +53,6 @@ def test_skinny_gemm_half_precision_and_strided_rows(dtype):
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("m,n,k,config,bias", [
-    (3, 64, 128, sk.SkinnyConfig(block_n=32, block_k=64), False),
-    (20, 48, 96, sk.SkinnyConfig(block_n=32, block_k=64), True),   # ragged N and K, two row blocks
-])
-def test_skinny_gemm_silu_mul_epilogue(m, n, k, config, bias):
-    """[gate; up] weight -> silu(gate) * up, as the separate GEMM + silu_and_mul give it."""
-    x = randn(m, k, seed=13, dtype=torch.float16)
-    w = randn(2 * n, k, seed=14, dtype=torch.float16) * 0.3
-    b = randn(2 * n, seed=15, dtype=torch.float16) if bias else None
-    out = sk.skinny_gemm(x, w, b, config, silu_mul=True)
-    assert out.shape == (m, n)
-    ref = silu_and_mul_ref(F.linear(x.float(), w.float(), None if b is None else b.float()))
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
-    swapped = silu_and_mul_ref(F.linear(x.float(), w.float().roll(n, 0)))  # up and gate exchanged
-    assert not torch.allclose(out.float(), swapped, rtol=2e-2, atol=2e-2)
-
-
-def test_skinny_gemm_silu_mul_refuses_split_k():
-    with pytest.raises(ValueError, match="split_k=1"):
-        sk.skinny_gemm(randn(2, 64, seed=16), randn(64, 64, seed=17), None, sk.SkinnyConfig(split_k=2), silu_mul=True)
-
-
-def test_merged_linear_silu_mul_off_cuda_is_the_separate_ops():
-    layer = MergedColumnParallelLinear(32, [16, 16])
-    layer.weight.data.copy_(randn(32, 32, seed=18))
-    x = randn(4, 32, seed=19)
-    torch.testing.assert_close(layer(x, silu_mul=True), silu_and_mul_ref(layer(x)))
-    with pytest.raises(ValueError, match="two equal parts"):
-        MergedColumnParallelLinear(32, [16, 8])(x, silu_mul=True)
-
-
 def test_skinny_gemm_rejects_column_major_weight():
     with pytest.raises(ValueError, match="row-major"):
         sk.skinny_gemm(randn(2, 64, seed=6), randn(64, 32, seed=7).t(), None)
@@ -98,9 +65,6 @@ def test_config_follows_row_count_and_fits_shared_memory():
     assert sk.config_for_rows(64, shared_memory=h100).num_stages == 5
     # 64 rows on an A100: a stage is [64 + 64, 128] bf16 (32 KB); 5 stages would leave no margin.
     assert sk.config_for_rows(64, shared_memory=166912).num_stages == 4
-    # silu_mul: half the columns per program, so a stage holds as many weight rows.
-    fused = sk.config_for_rows(64, silu_mul=True, shared_memory=h100)
-    assert fused.block_n == 32 and fused.num_stages == 5
     assert sk.block_m_for(1) == 16 and sk.block_m_for(17) == 32 and sk.block_m_for(64) == 64
 
 
@@ -124,14 +88,3 @@ def test_linear_dispatch_on_cuda(m):
     assert spy.call_count == (1 if m <= linear_mod.SKINNY_MAX_ROWS else 0)
     torch.testing.assert_close(out[0].float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=2e-2)
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 64, 65])
-def test_linear_silu_mul_on_cuda(m):
-    """Llama-3-8B gate/up: the epilogue (<= 64 rows) and cuBLAS + silu_and_mul (65) paths agree."""
-    x = randn(m, 4096, seed=20, dtype=torch.bfloat16)
-    w = randn(2 * 14336, 4096, seed=21, dtype=torch.bfloat16) * 0.02
-    out = linear_mod.linear(x, w, silu_mul=True)
-    ref = silu_and_mul_ref(F.linear(x.float(), w.float()))
-    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

@@ -31,8 +31,8 @@ class SkinnyConfig:
 
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
-                        K_PER_SPLIT, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_TILES: tl.constexpr):
+                        K_PER_SPLIT, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,40 +42,29 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
     k_start = split * K_PER_SPLIT
     k_len = tl.minimum(K - k_start, K_PER_SPLIT)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
-    up_ptrs = w_ptrs + N * stride_wn  # SILU_MUL: the up rows sit N rows below the gate rows
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_start + offs_k)[:, None]
     m_mask = offs_m[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(0, tl.cdiv(k_len, BLOCK_K)):
-        if FULL_TILES:  # no weight mask: the loads stay unpredicated and vectorised
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=m_mask, other=0.0)
-            if SILU_MUL:
-                acc_up = tl.dot(tl.load(up_ptrs), x, acc_up)
+        if EVEN_K:
+            if EVEN_N:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=offs_n[:, None] < N, other=0.0)
+            x_mask = m_mask
         else:
             k_mask = offs_k < k_len - k * BLOCK_K
-            w_mask = (offs_n[:, None] < N) & k_mask[None, :]
-            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-            x = tl.load(x_ptrs, mask=m_mask & k_mask[:, None], other=0.0)
-            if SILU_MUL:
-                acc_up = tl.dot(tl.load(up_ptrs, mask=w_mask, other=0.0), x, acc_up)
+            w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & k_mask[None, :], other=0.0)
+            x_mask = m_mask & k_mask[:, None]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
         acc = tl.dot(w, x, acc)
-        up_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     out_ptrs = out_ptr + split * stride_os + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     mask = m_mask & (offs_n[:, None] < N)
-    dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:  # only when not split: the reduce kernel adds it otherwise
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-        if SILU_MUL:
-            acc_up += tl.load(b_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    if SILU_MUL:  # rounded where the unfused GEMM output and silu_and_mul round
-        gate = acc.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        acc = act * acc_up.to(dtype).to(tl.float32)
-    tl.store(out_ptrs, acc.to(dtype), mask=mask)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -91,14 +80,13 @@ def _split_k_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexp
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def config_for_rows(m: int, silu_mul: bool = False, shared_memory: int | None = None) -> SkinnyConfig:
+def config_for_rows(m: int, shared_memory: int | None = None) -> SkinnyConfig:
     """Tile shape by row count, from the Llama-3-8B sweep on H100 (benchmarks/skinny_gemm.py):
     long K tiles with deep pipelining read fastest for up to 16 rows; beyond, shorter K tiles
     keep the activation tile's share of shared memory in check. The pipeline is as deep as
-    the device's shared memory allows. silu_mul programs read gate and up rows: half as many
-    columns each, so a stage holds as many weight rows."""
-    block_n, block_k = (32 if silu_mul else 64), (256 if m <= 16 else 128)
-    per_stage = ((2 if silu_mul else 1) * block_n + block_m_for(m)) * block_k * 2
+    the device's shared memory allows."""
+    block_n, block_k = 64, (256 if m <= 16 else 128)
+    per_stage = (block_n + block_m_for(m)) * block_k * 2
     budget = (shared_memory if shared_memory is not None else _shared_memory_per_block()) - 16 * 1024
     stages = max(2, min(5, budget // per_stage))
     return SkinnyConfig(block_n=block_n, block_k=block_k, split_k=1, num_warps=4, num_stages=stages)
@@ -116,14 +104,10 @@ def block_m_for(m: int) -> int:
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: SkinnyConfig = SkinnyConfig(), silu_mul: bool = False) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype; weight row-major.
-    silu_mul: weight is [gate; up] (2I rows) and the result is silu(gate) * up, [M, I] — the
-    gated MLP's activation in the GEMM's epilogue (each program holds both halves of its columns)."""
+                config: SkinnyConfig = SkinnyConfig()) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N] in x's dtype; weight row-major."""
     m, k = x.shape
-    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    if silu_mul and (weight.shape[0] % 2 or config.split_k > 1):
-        raise ValueError("skinny_gemm: silu_mul needs an even number of weight rows and split_k=1")
+    n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"skinny_gemm: weight {tuple(weight.shape)} must be a row-major [N, {k}] matrix")
     if x.stride(1) != 1:
@@ -140,9 +124,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split,
-        HAS_BIAS=bias is not None and split == 1, SILU_MUL=silu_mul, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        FULL_TILES=n % config.block_n == 0 and k % k_per_split == 0,
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:
         block = 1024

@@ -231,7 +231,8 @@ def main() -> None:
                 print(f"{engine:>22}: {r['elapsed_s']:.2f} s, {r['requests_per_s']:.2f} req/s, "
                       f"{r['output_tokens_per_s']:.0f} out tok/s, x floor {r['elapsed_s'] / floor['floor_s']:.2f}"
                       + (f", GPU busy {busy:.1%}" if busy is not None else "")
-                      + ("; per rank " + " ".join(f"{b:.0%}({s:.0%})" for b, s in ranks) if ranks else ""))
+                      + ("; per rank " + " ".join(f"{b:.0%}({s:.0%})" for b, s in ranks) if ranks else "")
+                      + f"; preemptions {r.get('preemptions')}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from braid.layers.linear import (
     RowParallelLinear,
 )
 from braid.layers.norm import RMSNorm
-from braid.layers.rotary import get_rope_from_config, rope_params_from_config
+from braid.layers.rotary import RotaryEmbedding, get_rope_from_config, rope_params_from_config
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -65,6 +65,15 @@ def test_rotary_matches_hf(rope_scaling, theta):
     )
     torch.testing.assert_close(ours_q, ref_q.transpose(1, 2).reshape(tokens, -1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours_k, ref_k.transpose(1, 2).reshape(tokens, -1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3, YARN], ids=["default", "llama3", "yarn"])
+def test_rotary_builds_under_another_default_device(rope_scaling):
+    """Models are built under the GPU as default device; the frequencies are computed on the
+    CPU and then moved (the meta device stands in for CUDA here: mixing it with CPU fails)."""
+    with torch.device("meta"):
+        rope = RotaryEmbedding(32, 32, 128, 10000.0, rope_scaling)
+    assert rope.cos_cache.device.type == "meta" and rope.cos_cache.shape == (128, 32)
 
 
 def test_rotary_reads_old_and_new_style_configs():

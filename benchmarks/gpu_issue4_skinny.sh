@@ -10,7 +10,7 @@ for skinny in ${SKINNY:-1}; do
   BRAID_SKINNY_GEMM=$skinny timeout 170 python benchmarks/decode_step.py --shape llama3-8b --batch-sizes 1,16,64,256 \
     --steps 30 --repeats 3 --async-scheduling --out "$out/decode_step_llama3_8b_h100_async_skinny$skinny.json" 2>&1 | tail -5
 done
-timeout 120 python benchmarks/profile_decode.py --parts engine --batches 1,16,64 --steps 10 \
+[ "${PROFILE:-1}" = 1 ] && timeout 120 python benchmarks/profile_decode.py --parts engine --batches 1,16,64 --steps 10 \
   --out "$out/profile_decode_llama3_8b_skinny.json" 2>&1 | grep -v Warning | grep -E "engine|first" 
 timeout 240 python benchmarks/w1_throughput.py --engines braid-async --repeats 3 --trace-dir /tmp/w1trace \
   --out "$out/w1_llama3_8b_h100_async_skinny.json" 2>&1 | grep -v Warning | tail -4

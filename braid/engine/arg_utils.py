@@ -188,8 +188,7 @@ class EngineArgs:
                              f"{hf_config.num_hidden_layers} layers")
         dp = self.data_parallel_size
         if dp > 1:
-            for flag, on in (("--async-scheduling", self.async_scheduling), ("--pipeline-parallel-size", pp > 1),
-                             ("--num-scheduler-steps", self.num_scheduler_steps > 1)):
+            for flag, on in (("--pipeline-parallel-size", pp > 1), ("--num-scheduler-steps", self.num_scheduler_steps > 1)):
                 if on:
                     raise ValueError(f"--data-parallel-size {dp} with {flag} is not supported yet")
         if self.enable_expert_parallel:

@@ -4,7 +4,9 @@ scheduler and KV cache (one engine core per DP rank), driven in lockstep.
 A mixture-of-experts layer is collective over every DP rank (its all-to-all moves
 tokens between replicas), so when any rank has work every rank runs the step: a rank
 with nothing scheduled runs a dummy one-token batch that takes part in the collectives
-and reports nothing. When no rank has work, nobody steps. New requests go to the rank
+and reports nothing. When no rank has work, nobody steps. With async scheduling the
+replicas' next step is scheduled and launched before the current one's tokens are
+awaited (two steps in flight), as in EngineCore. New requests go to the rank
 with the fewest unfinished requests (the coordinator); a request stays on its rank.
 
 All replicas' workers are ranks of one process group (rank = dp_rank * pp * tp + ...),
@@ -15,6 +17,7 @@ scheduler outputs and each DP group runs its own.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from braid.config import EngineConfig
 from braid.core.kv_cache_manager import KVCacheManager
@@ -81,6 +84,10 @@ class DPEngineCore:
         self.schedulers = [Scheduler(config.scheduler, kv) for kv in self.kv_managers]
         self.rank_of: dict[str, int] = {}  # request id -> its DP rank
         self.num_dummy_steps = 0  # steps a rank ran with nothing scheduled (tests read it)
+        self.max_steps_in_flight = config.scheduler.batches_in_flight  # 2 with async scheduling
+        # Launched lockstep steps not yet reported: (scheduler outputs, pending reply per replica).
+        self.in_flight: deque = deque()
+        self.max_in_flight_seen = 0  # tests read it: async scheduling really overlapped steps
 
     @property
     def num_blocks(self) -> int:
@@ -105,33 +112,51 @@ class DPEngineCore:
             self.schedulers[rank].abort_requests(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return any(s.has_unfinished_requests() for s in self.schedulers)
+        """Requests to run on some replica, or steps still to report."""
+        return any(s.has_unfinished_requests() for s in self.schedulers) or bool(self.in_flight)
 
     def make_stats(self) -> SchedulerStats:
         return merge_stats([s.make_stats() for s in self.schedulers])
 
     def step(self) -> EngineCoreOutputs:
+        """Report the oldest launched step's tokens from every replica (nothing while async
+        scheduling has only just launched its first step)."""
         with self.tracer.cpu_span("step"):
-            if not self.has_unfinished_requests():
+            # Penalties read every generated id on the host: report before scheduling more.
+            must_drain = self.in_flight and any(s.num_needing_output_history for s in self.schedulers)
+            if (len(self.in_flight) < self.max_steps_in_flight and not must_drain
+                    and any(s.has_unfinished_requests() for s in self.schedulers)):
+                if self._schedule_and_launch() and len(self.in_flight) < self.max_steps_in_flight:
+                    return EngineCoreOutputs(outputs=[], stats=self.make_stats())
+            if not self.in_flight:
                 return EngineCoreOutputs(outputs=[], stats=self.make_stats())
-            with self.tracer.cpu_span("schedule"):
-                outputs = [s.schedule() for s in self.schedulers]
-            if all(o.is_empty for o in outputs):
-                for s, o in zip(self.schedulers, outputs):
-                    s.defer(o)  # nothing to run anywhere; the ids go with the next batch
-                return EngineCoreOutputs(outputs=[], stats=self.make_stats())
-            self.num_dummy_steps += sum(o.is_empty for o in outputs)
-            pending = self.executor.execute_model_dp(outputs)
-            reported = []
-            for scheduler, so, per_rank in zip(self.schedulers, outputs, pending):
-                with self.tracer.cpu_span("wait_output"):
-                    runner_output = per_rank.result()
-                with self.tracer.cpu_span("process_outputs"):
-                    reported += scheduler.update_from_output(so, runner_output).outputs
-            for out in reported:
-                if out.finish_reason is not None:
-                    self.rank_of.pop(out.request_id, None)
-            return EngineCoreOutputs(outputs=reported, stats=self.make_stats())
+            return self._report_oldest()
+
+    def _schedule_and_launch(self) -> bool:
+        """Schedule every replica and launch the step; False when no replica had anything to run."""
+        with self.tracer.cpu_span("schedule"):
+            outputs = [s.schedule() for s in self.schedulers]
+        if all(o.is_empty for o in outputs):
+            for s, o in zip(self.schedulers, outputs):
+                s.defer(o)  # nothing to run anywhere; the ids go with the next batch
+            return False
+        self.num_dummy_steps += sum(o.is_empty for o in outputs)
+        self.in_flight.append((outputs, self.executor.execute_model_dp(outputs)))
+        self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
+        return True
+
+    def _report_oldest(self) -> EngineCoreOutputs:
+        outputs, pending = self.in_flight.popleft()
+        reported = []
+        for scheduler, so, per_rank in zip(self.schedulers, outputs, pending):
+            with self.tracer.cpu_span("wait_output"):
+                runner_output = per_rank.result()
+            with self.tracer.cpu_span("process_outputs"):
+                reported += scheduler.update_from_output(so, runner_output).outputs
+        for out in reported:
+            if out.finish_reason is not None:
+                self.rank_of.pop(out.request_id, None)
+        return EngineCoreOutputs(outputs=reported, stats=self.make_stats())
 
     def kill_workers(self) -> None:
         self.executor.kill_workers()

@@ -3,7 +3,7 @@ replicas, each with its own scheduler and KV cache, stepping together. With expe
 parallelism on the MoE models (experts spread over both replicas, tokens moved by
 all-gather + reduce-scatter or by all-to-all) and on a dense model, greedy tokens equal one device; a rank with nothing
 to do keeps stepping with dummy batches (no deadlock), a load skewed onto one rank
-completes, and every rank's KV pool is full afterwards."""
+completes, and every rank's KV pool is full afterwards — also with async scheduling."""
 import pytest
 
 from braid import LLM, SamplingParams
@@ -48,6 +48,7 @@ def _check_dp(model, **parallel):
         assert _generate(llm, PROMPTS[:1], params[:1]) == want[:1]
         assert core.num_dummy_steps - dummies >= 23
         assert_pool_full(llm)
+        assert core.max_in_flight_seen == (2 if parallel.get("async_scheduling") else 1)
     finally:
         core.shutdown()
 
@@ -64,10 +65,17 @@ def test_dp2_x_tp2_moe_and_dp2_dense(tmp_path):
     _check_dp(make_tiny_checkpoint("llama", tmp_path / "llama"))
 
 
+def test_dp2_async_scheduling(tmp_path):
+    """Two lockstep steps in flight: the replicas' next step is launched before the current
+    one's tokens are read; MoE with expert parallelism and a dense model equal one device."""
+    _check_dp(make_tiny_checkpoint("qwen3_moe", tmp_path / "moe"), enable_expert_parallel=True,
+              async_scheduling=True)
+    _check_dp(make_tiny_checkpoint("llama", tmp_path / "llama"), async_scheduling=True)
+
+
 def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
     model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
-    for extra, flag in (({"async_scheduling": True}, "--async-scheduling"),
-                        ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
+    for extra, flag in (({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
                         ({"num_scheduler_steps": 4}, "--num-scheduler-steps")):
         with pytest.raises(ValueError, match=f"--data-parallel-size 2 with {flag}"):
             EngineArgs(model=model, data_parallel_size=2, **extra).create_engine_config()

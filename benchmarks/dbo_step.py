@@ -5,7 +5,8 @@ rank, DBO off, on (threshold policy) and auto.
 Decode step = (time to generate 1 + S tokens - time to generate 1) / S, every rank holding
 B requests; prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
 Every shape runs once untimed first (kernel compilation), then medians of --repeats.
-Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
+--interleave keeps every mode's engine alive and times them round-robin (separate
+runs of one mode differed by up to 18%). Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
 traffic through host memory, as across machines).
 
     python benchmarks/dbo_step.py --dp 2 --modes off,on --out $OUT/dbo_dp2.json
@@ -33,15 +34,57 @@ def _timed(llm, prompts, max_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
+def build(model_dir: str, args, mode: str, **extra):
     from braid import LLM
 
     tp = args.tp
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
-              max_num_batched_tokens=args.prefill, enable_prefix_caching=False, data_parallel_size=args.dp,
-              tensor_parallel_size=tp, enable_expert_parallel=args.dp * tp > 1 and args.ep,
-              enable_dbo=mode != "off", dbo_policy="auto" if mode == "auto" else "threshold",
-              enforce_eager=args.eager, trace_dir=f"{args.trace_dir}/{mode}" if args.trace_dir else None)
+    return LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
+               max_num_batched_tokens=args.prefill, enable_prefix_caching=False, data_parallel_size=args.dp,
+               tensor_parallel_size=tp, enable_expert_parallel=args.dp * tp > 1 and args.ep,
+               enable_dbo=mode != "off", dbo_policy="auto" if mode == "auto" else "threshold",
+               enforce_eager=args.eager, trace_dir=f"{args.trace_dir}/{mode}" if args.trace_dir else None, **extra)
+
+
+def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int) -> list[dict]:
+    """Every mode's engine alive at once (KV pools capped so they fit); each shape warmed on
+    every engine, then timed round-robin over the modes, so drift of the host or the GPUs
+    between modes (up to ~18% between separate runs) falls on all of them alike."""
+    llms = {mode: build(model_dir, args, mode, kv_cache_memory=args.kv_cache_memory) for mode in modes}
+    g = torch.Generator().manual_seed(0)
+    out = {mode: dict(mode=mode, interleaved=True, decode={}, prefill=None) for mode in modes}
+    try:
+        for llm in llms.values():
+            _timed(llm, torch.randint(0, vocab, (8 * args.dp, 32), generator=g).tolist(), 4)  # compile kernels
+        shapes = [("decode", int(b)) for b in args.decode.split(",") if b] + [("prefill", args.prefill)]
+        for kind, size in shapes:
+            n, length = (size * args.dp, 64) if kind == "decode" else (8 * args.dp, size // 8)
+            ps = torch.randint(0, vocab, (n, length), generator=g).tolist()
+            tokens = 1 + args.steps if kind == "decode" else 1
+            for llm in llms.values():
+                _timed(llm, ps, tokens)  # every shape of this size compiled and captured before timing
+            times = {mode: ([], []) for mode in modes}
+            for _ in range(args.repeats):
+                for mode, llm in llms.items():
+                    if kind == "decode":
+                        times[mode][0].append(_timed(llm, ps, 1))
+                    times[mode][1].append(_timed(llm, ps, tokens))
+            for mode in modes:
+                one, many = times[mode]
+                if kind == "decode":
+                    step = (statistics.median(many) - statistics.median(one)) / args.steps * 1e3
+                    out[mode]["decode"][size] = dict(step_ms=step, t1_s=one, tS_s=many)
+                else:
+                    step = statistics.median(many) * 1e3
+                    out[mode]["prefill"] = dict(tokens_per_rank=size, step_ms=step, runs_s=many)
+                print(f"{mode:>4} {kind} {size:>4} tokens/rank: {step:.2f} ms/step", flush=True)
+    finally:
+        for llm in llms.values():
+            llm.llm_engine.engine_core.shutdown()
+    return list(out.values())
+
+
+def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
+    llm = build(model_dir, args, mode)
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int):
@@ -90,11 +133,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode)")
     p.add_argument("--trace-dir", default=None, help="trace each mode's run here and report overlap efficiency")
+    p.add_argument("--interleave", action="store_true",
+                   help="all modes' engines at once, timed round-robin (less drift between modes)")
+    p.add_argument("--kv-cache-memory", default="6GiB", help="each engine's KV pool with --interleave")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     model_dir = write_shape(args.shape)
     result = dict(benchmark="dbo_step", **run_info(), shape=args.shape, dp=args.dp, tp=args.tp, ep=bool(args.ep),
                   eager=args.eager, nccl_p2p_disabled=os.environ.get("NCCL_P2P_DISABLE") == "1", runs=[])
+    if args.interleave:
+        result["runs"] = measure_interleaved(model_dir, args, args.modes.split(","), SHAPES[args.shape]["vocab_size"])
+        write_result(args.out, result)
+        return
     for mode in args.modes.split(","):
         try:
             result["runs"].append(measure(model_dir, args, mode, SHAPES[args.shape]["vocab_size"]))

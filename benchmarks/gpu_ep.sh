@@ -46,7 +46,7 @@ dbo)
 dbo4)
   # DP=4 x EP over NVLink (off / on / auto, prefill also at 8192 tokens per rank), then the
   # dense Llama-3-70B shape with TP=4: prefill off vs on.
-  timeout 300 python benchmarks/dbo_step.py --dp 4 --prefill 8192 --out "$out/dbo_step_dsv2lite_dp4_nvlink.json" \
+  timeout 300 python benchmarks/dbo_step.py --dp 4 --prefill 8192 --interleave --out "$out/dbo_step_dsv2lite_dp4_nvlink.json" \
     2>&1 | grep -E "ms/step|ERROR|overlap"
   timeout 240 python benchmarks/dbo_step.py --shape llama3-70b --dp 1 --tp 4 --ep 0 --modes off,on --decode "" \
     --prefill 4096 --out "$out/dbo_step_llama3_70b_tp4.json" 2>&1 | grep -E "ms/step|ERROR"

@@ -2,7 +2,7 @@
 # 2 x H200 calls. Usage: benchmarks/gpu_x2.sh pp70|dbo2
 #  pp70: the PP=2 GPU equivalence cases with async/multi-step; W1 on the Llama-3-70B shape, PP=2 with one
 #        batch in flight vs two, --max-num-seqs 192 (two micro-batches' KV fit the pool: no preemption), traced.
-#  dbo2: DBO off/on/auto step times, DeepSeek-V2-Lite shape, DP=2 x EP, over NVLink and with NCCL
+#  dbo2: DBO off/on/auto step times (the three engines timed round-robin), DeepSeek-V2-Lite shape, DP=2 x EP, over NVLink and with NCCL
 #        peer-to-peer off, one after the other (every shape warmed before timing).
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -20,6 +20,6 @@ dbo2)
   timeout 260 python benchmarks/dbo_step.py --dp 2 --repeats 2 --out "$out/dbo_step_dsv2lite_dp2_nvlink_warm.json" \
     2>&1 | grep -E "ms/step|ERROR|Error|overlap"
   NCCL_P2P_DISABLE=1 timeout 260 python benchmarks/dbo_step.py --dp 2 --repeats 2 \
-    --out "$out/dbo_step_dsv2lite_dp2_nop2p_warm.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
+    --out "$out/dbo_step_dsv2lite_dp2_nop2p_interleaved.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
   ;;
 esac

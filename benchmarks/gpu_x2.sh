@@ -17,9 +17,9 @@ pp70)
     | grep -E "floor|braid|rror" | grep -v Warning | tail -6
   ;;
 dbo2)
-  timeout 260 python benchmarks/dbo_step.py --dp 2 --repeats 2 --out "$out/dbo_step_dsv2lite_dp2_nvlink_warm.json" \
-    2>&1 | grep -E "ms/step|ERROR|Error|overlap"
-  NCCL_P2P_DISABLE=1 timeout 260 python benchmarks/dbo_step.py --dp 2 --repeats 2 \
+  timeout 270 python benchmarks/dbo_step.py --dp 2 --repeats 3 --interleave \
+    --out "$out/dbo_step_dsv2lite_dp2_nvlink_interleaved.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
+  NCCL_P2P_DISABLE=1 timeout 270 python benchmarks/dbo_step.py --dp 2 --repeats 3 --interleave \
     --out "$out/dbo_step_dsv2lite_dp2_nop2p_interleaved.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
   ;;
 esac

@@ -187,6 +187,15 @@ class RotaryEmbedding(nn.Module):
             return q, k
         return rotary_embedding_ref(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim, self.rotary_dim)
 
+    def rotate_and_write_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Rotate q and k in place and store k and v at slot_mapping in the paged cache, in one
+        Triton launch (CUDA, or the Triton interpreter); whole-head rotary only."""
+        from braid.layers.triton_ops.rotary import rotary_embedding_
+
+        rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim, self.rotary_dim,
+                          cache_write=(v, kv_cache, slot_mapping))
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}, base={self.base}, rope_type={self.rope_type}"
 

@@ -20,6 +20,7 @@ from braid.layers.activation import SiluAndMul, silu_and_mul_ref  # noqa: E402
 from braid.layers.norm import RMSNorm, add_rms_norm_ref, rms_norm_ref  # noqa: E402
 from braid.layers.rotary import RotaryEmbedding, _rotate_half, rotary_embedding_ref  # noqa: E402
 from braid.layers.triton_ops.rms_norm import add_rms_norm, fused_add_rms_norm, rms_norm  # noqa: E402
+from braid.layers.attention.torch_ref import write_kv_cache  # noqa: E402
 from braid.layers.triton_ops.rotary import rotary_embedding_  # noqa: E402
 from braid.layers.triton_ops.silu_mul import silu_and_mul  # noqa: E402
 
@@ -156,6 +157,41 @@ def test_rotary_three_dim_views_and_zero_tokens():
     torch.testing.assert_close(k, ref_k, **tol(torch.float32))
     _, q0, k0, _ = fused_qkv(0, 2, 1, 16, torch.float32)
     rotary_embedding_(positions[:0], q0, k0, rope.cos_cache, rope.sin_cache, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("three_dim", [False, True], ids=["flat", "3d"])
+def test_rotary_with_cache_write_matches_rotary_then_write(dtype, three_dim):
+    """One launch rotates q/k in place and stores the rotated k and v at their slots, as the
+    rotary kernel followed by the cache write would; padding (slot -1, and tokens past a
+    shorter slot mapping) writes nothing."""
+    tokens, heads, kv_heads, head_dim, block_size = 6, 4, 2, 32, 4
+    rope = RotaryEmbedding(head_dim, max_position=64).to(DEVICE)
+    qkv, q, k, v = fused_qkv(tokens, heads, kv_heads, head_dim, dtype)
+    positions = torch.tensor([3, 9, 0, 63, 17, 5], device=DEVICE)
+    slots = torch.tensor([13, -1, 2, 7, 30], device=DEVICE)  # token 1 padding, token 5 past the mapping
+    ref_q, ref_k = rotary_embedding_ref(positions, q, k, rope.cos_cache, rope.sin_cache, head_dim, head_dim)
+    shape = (2, 8, block_size, kv_heads, head_dim)
+    want = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    write_kv_cache(ref_k.view(tokens, kv_heads, head_dim), v.reshape(tokens, kv_heads, head_dim), want, slots)
+    cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    views = [x.view(tokens, -1, head_dim) if three_dim else x for x in (q, k, v)]
+    rotary_embedding_(positions, views[0], views[1], rope.cos_cache, rope.sin_cache, head_dim, head_dim,
+                      cache_write=(views[2], cache, slots))
+    torch.testing.assert_close(q, ref_q, **tol(dtype))
+    torch.testing.assert_close(k, ref_k, **tol(dtype))
+    written = ~torch.isnan(want)
+    assert torch.equal(written, ~torch.isnan(cache))  # the same slots, no others
+    torch.testing.assert_close(cache[written], want[written], **tol(dtype))
+
+
+def test_rotary_cache_write_refuses_partial_rotary():
+    rope = RotaryEmbedding(32, 16, max_position=8).to(DEVICE)
+    _, q, k, v = fused_qkv(2, 2, 1, 32, torch.float32)
+    cache = torch.zeros(2, 2, 4, 1, 32, device=DEVICE)
+    with pytest.raises(AssertionError, match="whole heads"):
+        rotary_embedding_(torch.tensor([0, 1], device=DEVICE), q, k, rope.cos_cache, rope.sin_cache, 32, 16,
+                          cache_write=(v, cache, torch.tensor([0, 1], device=DEVICE)))
 
 
 # ---------------------------------------------------------------- SiLU and mul

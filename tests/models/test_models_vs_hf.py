@@ -34,7 +34,8 @@ BLOCK_SIZE = 4
 class PagedRunner:
     """Drives a braid model over a paged KV cache the way the model runner does."""
 
-    def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int = 128, block_size: int = BLOCK_SIZE, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, hf_config, num_blocks: int = 128, block_size: int = BLOCK_SIZE, seed: int = 0,
+                 backend: str = "torch"):
         self.model = model
         self.block_size = block_size
         kv_heads, head_dim = kv_cache_geometry(hf_config)
@@ -43,7 +44,7 @@ class PagedRunner:
         self.kv_caches = [torch.full(shape, float("nan")) for _ in range(hf_config.num_hidden_layers)]
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)  # scattered, non-contiguous block tables
-        self.backend = get_attention_backend("torch")
+        self.backend = get_attention_backend(backend)
 
     def allocate(self, max_len: int) -> list[int]:
         n = -(-max_len // self.block_size)
@@ -104,9 +105,10 @@ def cut_at_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens
 
 
-def compare(path: str, hf_model, prompts: list[list[int]], eos_id: int | None, atol=ATOL, rtol=RTOL):
+def compare(path: str, hf_model, prompts: list[list[int]], eos_id: int | None, atol=ATOL, rtol=RTOL,
+            backend: str = "torch"):
     model, _ = braid_model(path)
-    runner = PagedRunner(model, model.config)
+    runner = PagedRunner(model, model.config, backend=backend)
     ours_logits, ours_gen = runner.generate(prompts, NEW_TOKENS)
     ref_logits, ref_gen = hf_reference(hf_model, prompts, NEW_TOKENS, eos_id)
     for ours, ref in zip(ours_logits, ref_logits):
@@ -178,6 +180,21 @@ def test_tiny_model_matches_hf(tmp_path, arch, overrides, shard):
     if arch == "mistral":
         assert model.model.layers[0].self_attn.attn.sliding_window == 12
     assert model.model.layers[1].layer_idx == 1 and model.model.layers[1].self_attn.attn.layer_idx == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_triton_backend_fuses_rotary_and_cache_write(tmp_path, arch):
+    """On the Triton backend (the interpreter here) Llama-family attention rotates q/k and
+    writes the cache in one kernel — the backend's own cache write never runs — and the
+    model still equals HF token for token."""
+    from unittest import mock
+
+    import braid.layers.attention.triton_backend as tb
+
+    pytest.importorskip("triton")
+    path = make_tiny_checkpoint(arch, tmp_path / arch, seed=3)
+    with mock.patch.object(tb, "write_kv_cache_triton", side_effect=AssertionError("cache written twice")):
+        compare(path, hf_model_from_folder(path), PROMPTS, EOS_ID, backend="triton")
 
 
 def test_chunked_prefill_matches_full_prefill(tmp_path):

@@ -39,6 +39,9 @@ def choose_num_splits(max_query_len: int, num_reqs: int, num_kv_heads: int) -> i
 
 class TritonBackend:
     name = "triton"
+    # Attention layers may rotate q/k and write the cache in one kernel, then pass
+    # kv_cache_written=True (braid.layers.triton_ops.rotary).
+    fuses_rope_and_cache_write = True
 
     def __init__(self, num_kv_splits: int | None = None) -> None:
         # num_kv_splits forces the decode path choice (tests, benchmarks): 1 = never
@@ -54,8 +57,10 @@ class TritonBackend:
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_cache_written: bool = False,
     ) -> torch.Tensor:
-        write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
+        if not kv_cache_written:
+            write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         # Padded tail tokens belong to no request: zeros, as in the reference.
         out[metadata.num_actual_tokens :].zero_()

@@ -3,7 +3,8 @@
 # (micro-batches in flight, and one batch in flight), TP=4, PP=4 and TP=2 x PP=2, each run
 # traced for per-rank GPU busy. Two 2-GPU runs share the host at a time (GPUs 0,1 and 2,3).
 # Usage: benchmarks/gpu_parallel4.sh SHAPE PART...   SHAPE: llama3-8b | llama3-70b;
-#        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs). Each part fits a 10-minute call.
+#        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs) | pp4ms (PP=4 async with and without
+#        multi-step 8). Each part fits a 10-minute call.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 shape=$1
@@ -23,6 +24,7 @@ for part in "$@"; do
            w1 2,3 braid-pp2-async,braid-pp2 pairs-b &
            wait ;;
     four) w1 0,1,2,3 braid-tp4-async,braid-pp4-async,braid-tp2-pp2-async four ;;
+    pp4ms) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-ms8 pp4ms ;;  # multi-step under PP: less host work per pass
   esac
 done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

@@ -120,6 +120,19 @@ class Scheduler:
         self._finished_ids |= output.finished_req_ids
         self._preempted_ids |= output.preempted_req_ids
 
+    def shrink_steps(self, output: SchedulerOutput, num_steps: int) -> None:
+        """Run a multi-step batch for fewer passes (data-parallel replicas must agree on one
+        count): its requests give back the passes' computed tokens and placeholders. Lookahead
+        KV slots reserved for the dropped passes stay with their requests (used next step)."""
+        drop = output.num_steps - num_steps
+        assert 0 <= drop and num_steps >= 1, (output.num_steps, num_steps)
+        for req_id in output.num_scheduled_tokens:
+            request = self.requests[req_id]
+            request.num_computed_tokens -= drop
+            request.num_in_flight_steps -= drop
+            request.num_output_placeholders -= drop
+        output.num_steps = num_steps
+
     def _finishes_with_pending(self, request: Request) -> bool:
         """The tokens already in flight will end this request by length: schedule it no further."""
         params = request.sampling_params

@@ -188,9 +188,8 @@ class EngineArgs:
                              f"{hf_config.num_hidden_layers} layers")
         dp = self.data_parallel_size
         if dp > 1:
-            for flag, on in (("--pipeline-parallel-size", pp > 1), ("--num-scheduler-steps", self.num_scheduler_steps > 1)):
-                if on:
-                    raise ValueError(f"--data-parallel-size {dp} with {flag} is not supported yet")
+            if pp > 1:
+                raise ValueError(f"--data-parallel-size {dp} with --pipeline-parallel-size is not supported yet")
         if self.enable_expert_parallel:
             from braid.models.moe_weights import num_experts_of
 

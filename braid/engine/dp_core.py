@@ -6,7 +6,9 @@ tokens between replicas), so when any rank has work every rank runs the step: a 
 with nothing scheduled runs a dummy one-token batch that takes part in the collectives
 and reports nothing. When no rank has work, nobody steps. With async scheduling the
 replicas' next step is scheduled and launched before the current one's tokens are
-awaited (two steps in flight), as in EngineCore. New requests go to the rank
+awaited (two steps in flight), as in EngineCore. With multi-step scheduling every
+replica runs the same number of passes per step (each pass has the MoE collectives):
+the fewest any busy replica scheduled; the others give their extra passes back. New requests go to the rank
 with the fewest unfinished requests (the coordinator); a request stays on its rank.
 
 All replicas' workers are ranks of one process group (rank = dp_rank * pp * tp + ...),
@@ -83,9 +85,11 @@ class DPEngineCore:
                             for _ in range(self.dp_size)]
         self.schedulers = [Scheduler(config.scheduler, kv) for kv in self.kv_managers]
         self.rank_of: dict[str, int] = {}  # request id -> its DP rank
-        self.num_dummy_steps = 0  # steps a rank ran with nothing scheduled (tests read it)
+        self.num_dummy_steps = 0  # passes a rank ran with nothing scheduled (tests read it)
         self.max_steps_in_flight = config.scheduler.batches_in_flight  # 2 with async scheduling
-        # Launched lockstep steps not yet reported: (scheduler outputs, pending reply per replica).
+        self.stream_outputs = config.scheduler.multi_step_stream_outputs
+        # Launched lockstep steps not yet fully reported: (scheduler outputs, per replica a
+        # deque of its passes' pending replies).
         self.in_flight: deque = deque()
         self.max_in_flight_seen = 0  # tests read it: async scheduling really overlapped steps
 
@@ -119,8 +123,9 @@ class DPEngineCore:
         return merge_stats([s.make_stats() for s in self.schedulers])
 
     def step(self) -> EngineCoreOutputs:
-        """Report the oldest launched step's tokens from every replica (nothing while async
-        scheduling has only just launched its first step)."""
+        """Report the oldest launched step's next pass from every replica (all its passes when
+        multi-step outputs are not streamed; nothing while async scheduling has only just
+        launched its first step)."""
         with self.tracer.cpu_span("step"):
             # Penalties read every generated id on the host: report before scheduling more.
             must_drain = self.in_flight and any(s.num_needing_output_history for s in self.schedulers)
@@ -130,7 +135,13 @@ class DPEngineCore:
                     return EngineCoreOutputs(outputs=[], stats=self.make_stats())
             if not self.in_flight:
                 return EngineCoreOutputs(outputs=[], stats=self.make_stats())
-            return self._report_oldest()
+            if self.stream_outputs:
+                return self._report_next_pass()
+            # Without streaming, a multi-step step reports all its passes at once.
+            step, outputs = self.in_flight[0], []
+            while self.in_flight and self.in_flight[0] is step:
+                outputs += self._report_next_pass().outputs
+            return EngineCoreOutputs(outputs=outputs, stats=self.make_stats())
 
     def _schedule_and_launch(self) -> bool:
         """Schedule every replica and launch the step; False when no replica had anything to run."""
@@ -140,19 +151,28 @@ class DPEngineCore:
             for s, o in zip(self.schedulers, outputs):
                 s.defer(o)  # nothing to run anywhere; the ids go with the next batch
             return False
-        self.num_dummy_steps += sum(o.is_empty for o in outputs)
-        self.in_flight.append((outputs, self.executor.execute_model_dp(outputs)))
+        passes = min(o.num_steps for o in outputs if not o.is_empty)
+        for scheduler, o in zip(self.schedulers, outputs):
+            if o.is_empty:
+                o.num_steps = passes  # an idle replica joins every pass's collectives
+            elif o.num_steps > passes:
+                scheduler.shrink_steps(o, passes)
+        self.num_dummy_steps += sum(o.num_steps for o in outputs if o.is_empty)
+        pending = self.executor.execute_model_dp(outputs)
+        self.in_flight.append((outputs, [deque(per_rank) for per_rank in pending]))
         self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
         return True
 
-    def _report_oldest(self) -> EngineCoreOutputs:
-        outputs, pending = self.in_flight.popleft()
+    def _report_next_pass(self) -> EngineCoreOutputs:
+        outputs, passes = self.in_flight[0]
         reported = []
-        for scheduler, so, per_rank in zip(self.schedulers, outputs, pending):
+        for scheduler, so, per_rank in zip(self.schedulers, outputs, passes):
             with self.tracer.cpu_span("wait_output"):
-                runner_output = per_rank.result()
+                runner_output = per_rank.popleft().result()
             with self.tracer.cpu_span("process_outputs"):
                 reported += scheduler.update_from_output(so, runner_output).outputs
+        if not passes[0]:
+            self.in_flight.popleft()
         for out in reported:
             if out.finish_reason is not None:
                 self.rank_of.pop(out.request_id, None)

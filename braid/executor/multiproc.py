@@ -145,11 +145,12 @@ class MultiprocExecutor:
         self._broadcast("execute_model", scheduler_output)
         return [PendingReply(self, self.output_rank) for _ in range(scheduler_output.num_steps)]
 
-    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list["PendingReply"]:
+    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list[list["PendingReply"]]:
         """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
-        empty); one pending reply per replica."""
+        empty); per replica, one pending reply per pass."""
         self._broadcast("execute_model_dp", scheduler_outputs)
-        return [PendingReply(self, rank) for rank in self.config.parallel.output_ranks]
+        return [[PendingReply(self, rank) for _ in range(so.num_steps)]
+                for rank, so in zip(self.config.parallel.output_ranks, scheduler_outputs)]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         (reply,) = self.execute_model_async(scheduler_output)

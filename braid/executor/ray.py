@@ -220,14 +220,15 @@ class RayExecutor:
         return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())
                 for _ in range(scheduler_output.num_steps)]
 
-    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list["RayPendingReply"]:
+    def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list[list["RayPendingReply"]]:
         """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
-        empty); one pending reply per replica, from its output rank."""
+        empty); per replica, one pending reply per pass, from its output rank."""
         frame = self._enc.encode(scheduler_outputs)
         for actor in self.actors:
             actor.execute_model_dp.remote(frame)
-        return [RayPendingReply(self, self.actors[rank].next_output.options(concurrency_group="reply").remote())
-                for rank in self.config.parallel.output_ranks]
+        return [[RayPendingReply(self, self.actors[rank].next_output.options(concurrency_group="reply").remote())
+                 for _ in range(so.num_steps)]
+                for rank, so in zip(self.config.parallel.output_ranks, scheduler_outputs)]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         (reply,) = self.execute_model_async(scheduler_output)

@@ -209,8 +209,9 @@ class ModelRunner(DboStepsMixin):
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
             if get_layout().dp_size > 1:
-                self._dummy_forward()  # the other replicas' MoE collectives need this one too
-            return [AsyncModelRunnerOutput.empty()]
+                # The other replicas' MoE collectives need this one too, for each of their passes.
+                self._dummy_forward(so.num_steps)
+            return [AsyncModelRunnerOutput.empty() for _ in range(so.num_steps)]
         states = [self.requests[r] for r in req_ids]
         num_tokens = [so.num_scheduled_tokens[r] for r in req_ids]
         tracer = self.tracer
@@ -321,24 +322,26 @@ class ModelRunner(DboStepsMixin):
         most_tokens, no_graph = shape.tolist()
         return no_graph == 0, most_tokens
 
-    def _dummy_forward(self) -> None:
+    def _dummy_forward(self, num_passes: int = 1) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a
         data-parallel replica with nothing scheduled still takes part in every collective
         (and in the dual-batch-overlap vote, where it votes no). Under expert parallelism
-        by all-gather it pads to the others' count, and replays their CUDA graph."""
+        by all-gather it pads to the others' count, and replays their CUDA graph. With
+        multi-step the others run num_passes passes after one agreement: so does this one."""
         if self.config.overlap.enable_dbo:
             agree_on_split(False, 1, self._dp_vote_group, self.device)
         use_graph, self._dp_tokens = self._agree_step_shape(1, self.cuda_graphs is not None)
-        if use_graph:
-            with self.tracer.cpu_span("dummy_batch", cuda_graph=True):
-                self.cuda_graphs.run_idle(self._dp_tokens)
-            return
-        md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
-        md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
-        zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
-        with self.tracer.cpu_span("dummy_batch"), set_forward_context(
-                ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer, self._dp_tokens)):
-            self._compute(zeros, zeros)
+        for _ in range(num_passes):
+            if use_graph:
+                with self.tracer.cpu_span("dummy_batch", cuda_graph=True):
+                    self.cuda_graphs.run_idle(self._dp_tokens)
+                continue
+            md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
+            md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
+            zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+            with self.tracer.cpu_span("dummy_batch"), set_forward_context(
+                    ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer, self._dp_tokens)):
+                self._compute(zeros, zeros)
 
     def _forward_eager(self, batch, stage_input=None):
         with set_forward_context(ForwardContext(batch.attn_metadata, self.kv_caches, self.attn_backend,

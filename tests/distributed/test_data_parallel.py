@@ -7,6 +7,7 @@ completes, and every rank's KV pool is full afterwards — also with async sched
 import pytest
 
 from braid import LLM, SamplingParams
+from braid.core.scheduler import Scheduler
 from braid.engine.arg_utils import EngineArgs
 from tests.engine.conftest import assert_pool_full
 from tests.tiny_checkpoints import make_tiny_checkpoint
@@ -46,7 +47,7 @@ def _check_dp(model, **parallel):
         # One request: the other replica only ever runs dummy steps.
         dummies = core.num_dummy_steps
         assert _generate(llm, PROMPTS[:1], params[:1]) == want[:1]
-        assert core.num_dummy_steps - dummies >= 23
+        assert core.num_dummy_steps - dummies >= 23  # dummy passes: one per pass of the busy replica
         assert_pool_full(llm)
         assert core.max_in_flight_seen == (2 if parallel.get("async_scheduling") else 1)
     finally:
@@ -73,12 +74,41 @@ def test_dp2_async_scheduling(tmp_path):
     _check_dp(make_tiny_checkpoint("llama", tmp_path / "llama"), async_scheduling=True)
 
 
+def test_dp2_multi_step_scheduling(tmp_path, monkeypatch):
+    """Multi-step with data parallelism: every replica runs the same number of passes per
+    step (an idle one runs as many dummy passes); MoE x EP, alone and with async scheduling,
+    and a dense model equal one device, and multi-pass steps really ran."""
+    from braid.engine import dp_core
+
+    passes_run = []
+    launch = dp_core.DPEngineCore._schedule_and_launch
+
+    def recording(self):
+        launched = launch(self)
+        if launched:
+            counts = {o.num_steps for o in self.in_flight[-1][0]}
+            assert len(counts) == 1, counts  # the replicas agree on the pass count
+            passes_run.append(counts.pop())
+        return launched
+
+    monkeypatch.setattr(dp_core.DPEngineCore, "_schedule_and_launch", recording)
+    shrunk = []
+    shrink = Scheduler.shrink_steps
+    monkeypatch.setattr(Scheduler, "shrink_steps", lambda self, o, n: shrunk.append((o.num_steps, n)) or shrink(self, o, n))
+    moe = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    # 16-token chunks: one replica still prefills its 37-token prompt while the other could
+    # decode 4 passes — it gives 3 back.
+    _check_dp(moe, enable_expert_parallel=True, num_scheduler_steps=4, max_num_batched_tokens=16)
+    assert shrunk
+    _check_dp(moe, enable_expert_parallel=True, num_scheduler_steps=4, async_scheduling=True)
+    _check_dp(make_tiny_checkpoint("llama", tmp_path / "llama"), num_scheduler_steps=3)
+    assert max(passes_run) > 1
+
+
 def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
     model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
-    for extra, flag in (({"pipeline_parallel_size": 2}, "--pipeline-parallel-size"),
-                        ({"num_scheduler_steps": 4}, "--num-scheduler-steps")):
-        with pytest.raises(ValueError, match=f"--data-parallel-size 2 with {flag}"):
-            EngineArgs(model=model, data_parallel_size=2, **extra).create_engine_config()
+    with pytest.raises(ValueError, match="--data-parallel-size 2 with --pipeline-parallel-size"):
+        EngineArgs(model=model, data_parallel_size=2, pipeline_parallel_size=2).create_engine_config()
     with pytest.raises(ValueError, match="--data-parallel-size must be >= 1"):
         EngineArgs(model=model, data_parallel_size=0).create_engine_config()
     with pytest.raises(ValueError, match="--all2all-backend must be one of allgather_reducescatter, all_to_all"):

@@ -203,3 +203,45 @@ def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
     for i in range(5):
         one.add_request(make_request(f"q{i}", [1, 2, 3], max_tokens=4))
     assert len(one.schedule().num_scheduled_tokens) == 2 and len(one.running) == 2
+
+
+def report_passes(s, out, requests, token=7):
+    """Report each pass of a scheduled batch: a multi-step batch samples one token per request per pass."""
+    if out.num_steps == 1:
+        return s.update_from_output(out, fake_run(out, requests, token)).outputs
+    ids = list(out.num_scheduled_tokens)
+    outputs = []
+    for _ in range(out.num_steps):
+        outputs += s.update_from_output(out, ModelRunnerOutput(ids, [[token]] * len(ids), [None] * len(ids))).outputs
+    return outputs
+
+
+def test_shrink_steps_gives_back_a_multi_step_batchs_extra_passes():
+    """A 4-pass decode batch cut to 1 pass (data-parallel replicas agree on the fewest) leaves
+    the request exactly as a plain step would have: one token computed, one placeholder; the
+    run then goes on to the same tokens, later batches running several passes again."""
+    runs = {}
+    for steps in (1, 4):
+        s = make_scheduler(max_num_batched_tokens=64, num_scheduler_steps=steps)
+        r = make_request("a", [1, 2, 3], max_tokens=6, ignore_eos=True)
+        s.add_request(r)
+        report_passes(s, s.schedule(), {"a": r})  # the prompt: a plain step either way
+        runs[steps] = (s, r, s.schedule())
+    (plain, p, out_plain), (multi, r, out_multi) = runs[1], runs[4]
+    assert out_plain.num_steps == 1 and out_multi.num_steps == 4
+    multi.shrink_steps(out_multi, 1)
+    assert out_multi.num_steps == 1
+    state = lambda q: (q.num_computed_tokens, q.num_in_flight_steps, q.num_output_placeholders)  # noqa: E731
+    assert state(r) == state(p)
+    finished, passes = {}, []
+    for s, q, out in ((plain, p, out_plain), (multi, r, out_multi)):
+        while out is not None:
+            passes.append((s is multi, out.num_steps))
+            for o in report_passes(s, out, {"a": q}):
+                if o.finished:
+                    finished[(s is multi)] = o.finish_reason
+            out = s.schedule() if s.has_unfinished_requests() else None
+    assert finished == {False: "length", True: "length"}
+    assert r.output_token_ids == p.output_token_ids and len(r.output_token_ids) == 6
+    assert any(multi_run and n > 1 for multi_run, n in passes)
+    assert multi.kv.num_free_blocks == multi.kv.num_blocks

@@ -1,6 +1,7 @@
 """`braid serve` with two data-parallel replicas and expert parallelism (tiny Qwen3-MoE,
-CPU): concurrent completions through the official openai client all finish with the
-single-device greedy text, and the KV pools of both replicas are free afterwards."""
+CPU), also with async and multi-step scheduling: concurrent completions through the
+official openai client all finish with the single-device greedy text, and the KV pools
+of both replicas are free afterwards."""
 import concurrent.futures
 
 import pytest
@@ -14,14 +15,15 @@ pytestmark = pytest.mark.distributed
 PROMPTS = ["hello there", "The capital of France", "once upon a time", "def main():"]
 
 
-def test_serve_dp2_expert_parallel(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--async-scheduling", "--num-scheduler-steps", "4"]], ids=["plain", "async-ms4"])
+def test_serve_dp2_expert_parallel(tmp_path, extra):
     import openai
 
     model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
     want = [o.outputs[0].text for o in LLM(model, max_model_len=256, kv_cache_memory="64MiB").generate(
         PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)]
     srv = RemoteServer(model, "--max-model-len", "256", "--device", "cpu", "--kv-cache-memory", "64MiB",
-                       "--data-parallel-size", "2", "--enable-expert-parallel")
+                       "--data-parallel-size", "2", "--enable-expert-parallel", *extra)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
 

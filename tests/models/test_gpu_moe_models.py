@@ -51,19 +51,21 @@ def _greedy(path, prompts, params, **kw) -> list[list[int]]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("backend,eager", [("allgather_reducescatter", False), ("allgather_reducescatter", True),
-                                           ("all_to_all", True)])
-def test_dp2_expert_parallel_on_gpus_matches_one_gpu(tmp_path, backend, eager):
+@pytest.mark.parametrize("backend,eager,sched", [
+    ("allgather_reducescatter", False, {}), ("allgather_reducescatter", True, {}), ("all_to_all", True, {}),
+    ("allgather_reducescatter", False, {"async_scheduling": True, "num_scheduler_steps": 4}),
+], ids=["graphs", "eager", "all-to-all", "graphs-async-ms4"])
+def test_dp2_expert_parallel_on_gpus_matches_one_gpu(tmp_path, backend, eager, sched):
     """DP=2 x EP over NCCL (the all-gather form replays CUDA graphs, an idle replica replaying
-    padding at the other's size) gives one GPU's greedy tokens; skewed lengths make one
-    replica idle for most steps."""
+    padding at the other's size, also through multi-step passes with async scheduling) gives
+    one GPU's greedy tokens; skewed lengths make one replica idle for most steps."""
     path = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe", seed=3)
     params = [SamplingParams(temperature=0, max_tokens=24 if i % 2 == 0 else 4, ignore_eos=True)
               for i in range(len(PROMPTS))]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     want = _greedy(path, prompts, params, max_num_seqs=8, enforce_eager=True)
     assert _greedy(path, prompts, params, max_num_seqs=8, enforce_eager=eager, data_parallel_size=2,
-                   enable_expert_parallel=True, all2all_backend=backend) == want
+                   enable_expert_parallel=True, all2all_backend=backend, **sched) == want
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issues 7/8 on 4 GPUs. Usage: benchmarks/gpu_ep.sh w1|dbo
+# Issues 7/8 on 4 GPUs. Usage: benchmarks/gpu_ep.sh w1|w1dp2|dbo|dbo4
 #  w1:  GPU DP x EP equivalence tests, then W1-style throughput (256 x 512/256) of both MoE shapes
 #       with DP=2 x EP (the two shapes side by side on GPUs 0,1 and 2,3) and DP=4 x EP, traced.
+#  w1dp2 (2 GPUs): DP=2 x EP W1-style with async and multi-step scheduling.
 #  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
 #  dbo: DBO GPU tests; DBO off/on/auto step times, DeepSeek-V2-Lite shape, DP=2 x EP over
 #       NVLink (GPUs 0,1) and with NCCL peer-to-peer off (GPUs 2,3), side by side; a traced run.
@@ -24,6 +25,13 @@ w1)
   wait; cat /tmp/a.txt /tmp/b.txt
   w1 deepseek-v2-lite 4 "" 256
   w1 qwen3-30b-a3b 4 "" 256
+  ;;
+w1dp2)
+  # 2 GPUs: DP=2 x EP W1-style runs, plain, async, async + multi-step 8 (the DP core's host work
+  # is serial over replicas: these hide it behind the GPU).
+  timeout 120 python -m pytest tests/models/test_gpu_moe_models.py -k dp2 -m gpu -q -p no:cacheprovider --tb=short \
+    2>&1 | grep -E "^E |Error|passed|failed" | tail -8
+  for v in "" "-async" "-async-ms8"; do w1 deepseek-v2-lite 2 "$v" 256; done
   ;;
 dbo)
   # GPUs 0,1: NVLink, off / on / auto, then a traced DBO run for the overlap figure.

@@ -4,12 +4,14 @@ scheduler and KV cache (one engine core per DP rank), driven in lockstep.
 A mixture-of-experts layer is collective over every DP rank (its all-to-all moves
 tokens between replicas), so when any rank has work every rank runs the step: a rank
 with nothing scheduled runs a dummy one-token batch that takes part in the collectives
-and reports nothing. When no rank has work, nobody steps. With async scheduling the
-replicas' next step is scheduled and launched before the current one's tokens are
-awaited (two steps in flight), as in EngineCore. With multi-step scheduling every
-replica runs the same number of passes per step (each pass has the MoE collectives):
-the fewest any busy replica scheduled; the others give their extra passes back. New requests go to the rank
+and reports nothing. When no rank has work, nobody steps. New requests go to the rank
 with the fewest unfinished requests (the coordinator); a request stays on its rank.
+
+With async scheduling the replicas' next step is scheduled and launched before the
+current one's tokens are awaited (two steps in flight), as in EngineCore. With
+multi-step scheduling every replica runs the same number of passes per step (each
+pass has the MoE collectives): the fewest any busy replica scheduled; the others give
+their extra passes back.
 
 All replicas' workers are ranks of one process group (rank = dp_rank * pp * tp + ...),
 started by one executor — worker processes on this machine (mp) or Ray actors, which

@@ -331,14 +331,15 @@ class ModelRunner(DboStepsMixin):
         if self.config.overlap.enable_dbo:
             agree_on_split(False, 1, self._dp_vote_group, self.device)
         use_graph, self._dp_tokens = self._agree_step_shape(1, self.cuda_graphs is not None)
-        for _ in range(num_passes):
-            if use_graph:
+        if use_graph:
+            for _ in range(num_passes):
                 with self.tracer.cpu_span("dummy_batch", cuda_graph=True):
                     self.cuda_graphs.run_idle(self._dp_tokens)
-                continue
-            md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
-            md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
-            zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+            return
+        md = build_attention_metadata([1], [1], [[0]], self.block_size, self.device)
+        md = dataclasses.replace(md, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=self.device))
+        zeros = torch.zeros(1, dtype=torch.int64, device=self.device)
+        for _ in range(num_passes):  # one set of inputs for every pass
             with self.tracer.cpu_span("dummy_batch"), set_forward_context(
                     ForwardContext(md, self.kv_caches, self.attn_backend, self._layer_tracer, self._dp_tokens)):
                 self._compute(zeros, zeros)

@@ -38,7 +38,7 @@ def build(model_dir: str, args, mode: str, **extra):
     from braid import LLM
 
     tp = args.tp
-    return LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=256,
+    return LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max(1024, args.prefill // 8 + 64), max_num_seqs=256,
                max_num_batched_tokens=args.prefill, enable_prefix_caching=False, data_parallel_size=args.dp,
                tensor_parallel_size=tp, enable_expert_parallel=args.dp * tp > 1 and args.ep,
                enable_dbo=mode != "off", dbo_policy="auto" if mode == "auto" else "threshold",

@@ -213,14 +213,33 @@ class DecodeCudaGraphs:
         return tuple(t[:b] for t in out) if isinstance(out, tuple) else out[:b]
 
 
-    def run_idle(self, num_reqs: int, split: bool = False) -> None:
+    def run_idle(self, num_reqs: int) -> None:
         """Replay the bucket for num_reqs rows on padding alone: a data-parallel replica with
-        nothing to run still joins the other replicas' MoE collectives, at their size (also
-        the auto policy's start-up timing of a whole or split decode step)."""
+        nothing to run still joins the other replicas' MoE collectives, at their size."""
         size = self.bucket(num_reqs)
         if self._uploaded is not None:
             self._uploaded.synchronize()
         self._pad_rows(0, size)
+        self._upload_and_replay(size, split=False)
+
+    def run_calibration(self, input_ids: np.ndarray, seq_lens: np.ndarray, block_table: np.ndarray,
+                        split: bool) -> None:
+        """Replay the bucket (whole or split) over these rows as a decode step would, writing no
+        KV (slot -1): the DBO auto policy's start-up timing."""
+        n = len(input_ids)
+        size = self.bucket(n)
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        h = self.host
+        h["input_ids"][:n] = input_ids
+        h["positions"][:n] = seq_lens - 1
+        h["seq_lens"][:n] = seq_lens
+        h["block_table"][:n, :block_table.shape[1]] = block_table
+        h["slot_mapping"][:n] = -1
+        self._pad_rows(n, size)
+        self._upload_and_replay(size, split)
+
+    def _upload_and_replay(self, size: int, split: bool) -> None:
         self.device_buffer.copy_(self.host_buffer, non_blocking=True)
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()

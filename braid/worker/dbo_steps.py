@@ -81,14 +81,17 @@ class DboStepsMixin:
     def _calibrate_dbo(self) -> None:
         """Time dummy steps whole and split at a few sizes (dbo_auto.py); every DP rank keeps
         the slowest rank's times, so all hold one table and vote alike."""
-        from braid.worker.dbo_auto import calibrate, calibration_sizes
+        from braid.worker.dbo_auto import calibrate, calibration_sizes, decode_shape
 
         overlap, sched = self.config.overlap, self.config.scheduler
         decode = calibration_sizes(overlap.dbo_decode_token_threshold, sched.max_num_seqs)
         prefill = calibration_sizes(overlap.dbo_prefill_token_threshold, sched.max_num_batched_tokens)
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         with torch.inference_mode():
-            table = calibrate(self._dummy_step, sync, decode, prefill, sched.max_model_len)
+            # Decode at a context of 512 tokens (W1's prompt length) where the pool and limit allow.
+            table = calibrate(self._dummy_step, sync, decode, prefill, sched.max_model_len,
+                              lambda n: decode_shape(n, 512, sched.max_model_len - 1,
+                                                     self.num_kv_blocks * self.block_size))
         if self._dp_vote_group is not None:
             import torch.distributed as dist
 
@@ -106,27 +109,30 @@ class DboStepsMixin:
                     [(n, round(w, 2), round(sp, 2)) for n, w, sp in table.prefill])
 
     def _dummy_step(self, query_lens: list[int], seq_lens: list[int], split: bool) -> None:
-        """One start-up step over throwaway tokens (id 0), run as a real step of that shape
-        would be: a decode batch from its CUDA graph if there is one, else eagerly; or as two
-        micro-batches. It writes KV into block 0 only, before any request owns a block."""
+        """One start-up step as a real step of that shape would run: a decode batch from its
+        CUDA graph if there is one, else eagerly; or as two micro-batches. Random token ids and
+        distinct KV blocks (dbo_auto.py says why); before any request owns a block, so the KV it
+        writes is overwritten before anyone reads it."""
+        from braid.worker.dbo_auto import spread_blocks
+
         num_tokens = sum(query_lens)
-        blocks = [[0] * -(-s // self.block_size) for s in seq_lens]
+        blocks = spread_blocks(seq_lens, self.block_size, self.num_kv_blocks)
         positions = torch.tensor([p for q, s in zip(query_lens, seq_lens) for p in range(s - q, s)],
                                  dtype=torch.int64, device=self.device)
-        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        ids = torch.randint(0, self.config.model.vocab_size, (num_tokens,),
+                            generator=torch.Generator().manual_seed(num_tokens))
+        input_ids = ids.to(self.device)
         pads = self._dp_pads_moe
         self._dp_tokens = num_tokens if pads else None
         self._dbo_dp_tokens = (num_tokens + 1) // 2 if pads else None
+        width = max(len(b) for b in blocks)
+        table = np.asarray([b + [0] * (width - len(b)) for b in blocks], dtype=np.int32)
         decode_graph = (self.cuda_graphs is not None and max(query_lens) == 1
                         and num_tokens <= self.cuda_graphs.max_batch_size)
-        if split and decode_graph and self.cuda_graphs.can_split(num_tokens):
-            self.cuda_graphs.run_idle(num_tokens, split=True)
+        if decode_graph and (not split or self.cuda_graphs.can_split(num_tokens)):
+            self.cuda_graphs.run_calibration(ids.numpy(), np.asarray(seq_lens, dtype=np.int32), table, split)
         elif split:
-            width = max(len(b) for b in blocks)
-            table = np.asarray([b + [0] * (width - len(b)) for b in blocks], dtype=np.int32)
             self._forward_dbo(input_ids, positions, table, split_ubatches(query_lens, seq_lens), num_tokens)
-        elif decode_graph:
-            self.cuda_graphs.run_idle(num_tokens)
         else:
             md = build_attention_metadata(query_lens, seq_lens, blocks, self.block_size, self.device)
             with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend, None, self._dp_tokens)):

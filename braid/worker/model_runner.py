@@ -110,6 +110,7 @@ class ModelRunner(DboStepsMixin):
         # Under MLA the V plane is the K plane (stride 0): one compressed entry per token.
         whole = torch.zeros((end - start, self.kv_planes, *shape[1:]), dtype=m.dtype, device=self.device)
         whole = whole.expand(end - start, *shape)
+        self.num_kv_blocks = num_blocks
         # Indexed by global layer id; other stages' layers have no cache here.
         self.kv_caches = [None] * start + list(whole.unbind(0)) + [None] * (m.num_layers - end)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,

@@ -55,6 +55,27 @@ def test_dbo_auto_policy_follows_its_table(tmp_path):
     assert_pool_full(llm)
 
 
+def test_auto_calibration_steps_look_like_real_ones(tmp_path, monkeypatch):
+    """Start-up dummy steps carry varied token ids (identical ids would send every MoE token to
+    the same experts) and decode over real contexts, not one cached token."""
+    from braid.worker.model_runner import ModelRunner
+
+    seen = []
+    real = ModelRunner._compute
+
+    def spy(self, input_ids, positions, *args, **kwargs):
+        seen.append((input_ids.numel(), input_ids.unique().numel(), positions.tolist()))
+        return real(self, input_ids, positions, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "_compute", spy)
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    LLM(model, kv_cache_memory="64MiB", max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
+        dbo_policy="auto", **DBO)
+    decode = [(n, distinct, pos) for n, distinct, pos in seen if len(set(pos)) == 1 and n > 1]
+    assert decode and all(pos[0] == 126 for _, _, pos in decode)  # contexts of min(512, 128 - 1) tokens
+    assert all(distinct > 1 for n, distinct, _ in seen if n >= 4)
+
+
 def _check_on_equals_off(model, trace_dir, world, **parallel):
     want = _generate(LLM(model, kv_cache_memory="64MiB"))
     llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), **parallel, **DBO)

@@ -88,7 +88,11 @@ def make_tracer(trace_dir: str | None, process_name: str, **options) -> "Tracer 
     options go to Tracer (max_buffered_events, max_file_bytes, resolve_every)."""
     if trace_dir is None:
         return NULL_TRACER
-    return Tracer(trace_dir, process_name, **options)
+    from braid.observe import runtime_probes
+
+    tracer = Tracer(trace_dir, process_name, **options)
+    runtime_probes.install(tracer)  # garbage collections and Triton compiles as spans
+    return tracer
 
 
 class NullTracer:
@@ -105,6 +109,9 @@ class NullTracer:
 
     def gpu_span(self, name, stream=None):
         return _NULL
+
+    def complete(self, name, t0_ns, t1_ns, /, **args):
+        pass
 
     def instant(self, name, /, **args):
         pass
@@ -278,6 +285,12 @@ class Tracer:
         if self._gpu is False:
             return _NULL
         return _GpuSpan(self, name, stream)
+
+    def complete(self, name: str, t0_ns: int, t1_ns: int, /, **args) -> None:
+        """A CPU span timed by the caller (perf_counter_ns) on this thread's track."""
+        if self._recording:
+            tid = getattr(self._local, "tid", None) or self._init_thread()
+            self._events.append(("X", name, t0_ns, t1_ns - t0_ns, tid, args or None, "cpu"))
 
     def instant(self, name: str, /, **args) -> None:
         if self._recording:

@@ -355,11 +355,12 @@ class ModelRunner(DboStepsMixin):
         graph's static buffers (returns None), or as new tensors (hidden, residual)."""
         if is_first_pp_stage():
             return None
-        if use_graph:
-            pp_recv_into(self.cuda_graphs.stage_input_rows(num_tokens))
-            return None
-        shape = (num_tokens, self.config.model.hf_config.hidden_size)
-        return pp_recv([shape, shape], self.config.model.dtype, self.device)
+        with self.tracer.cpu_span("pp_recv"):
+            if use_graph:
+                pp_recv_into(self.cuda_graphs.stage_input_rows(num_tokens))
+                return None
+            shape = (num_tokens, self.config.model.hf_config.hidden_size)
+            return pp_recv([shape, shape], self.config.model.dtype, self.device)
 
     def _compute(self, input_ids, positions, hidden=None, residual=None):
         """This rank's part of the forward (what a CUDA graph captures): the whole model, or a
@@ -375,11 +376,11 @@ class ModelRunner(DboStepsMixin):
         hidden, _ = inner.norm(hidden, residual)
         return hidden
 
-    @staticmethod
-    def _send_on(out):
+    def _send_on(self, out):
         """A stage that is not the last sends its (hidden, residual) on and samples nothing."""
         if isinstance(out, tuple):
-            pp_send(list(out))
+            with self.tracer.cpu_span("pp_send"):
+                pp_send(list(out))
             return None
         return out
 

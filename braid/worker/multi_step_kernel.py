@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])  # see layers/triton_ops/__init__.py
 def _advance_kernel(input_ids_ptr, positions_ptr, seq_lens_ptr, slot_mapping_ptr, block_table_ptr, sampled_ptr,
                     num_reqs, stride_bt, block_size, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

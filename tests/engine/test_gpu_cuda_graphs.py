@@ -73,3 +73,28 @@ def test_overlap_modes_keep_logprobs(tmp_path):
             for g_pos, w_pos in zip(g_lps, w_lps):
                 assert g_pos.keys() == w_pos.keys(), kw
                 assert max(abs(g_pos[t].logprob - w_pos[t].logprob) for t in w_pos) < 1e-3, kw
+
+
+def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
+    """After one round of requests, batches of other sizes and prompt lengths (row counts of 1,
+    multiples of 16 and others; block tables of other widths) compile no Triton kernel: a
+    compile mid-run stalls the step for 0.2-0.8 s (layers/triton_ops/__init__.py)."""
+    knobs = pytest.importorskip("triton").knobs
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=32)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    g = torch.Generator().manual_seed(2)
+
+    def run(n, lo, hi):
+        prompts = [torch.randint(3, 380, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(n)]
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    run(5, 2, 40)
+    compiles = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda *a, **k: compiles.append(getattr(k.get("fn"), "name", k.get("repr"))))
+    for n, lo, hi in ((1, 2, 3), (16, 32, 33), (17, 100, 140), (32, 2, 200)):
+        run(n, lo, hi)
+    assert compiles == []
+    assert_pool_full(llm)

@@ -19,7 +19,7 @@ import triton.language as tl
 from braid.layers.attention.triton_unified_attention import LOG2E, attend_kv_tiles, dot_precision, head_dim_pad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # see triton_ops/__init__.py
 def _split_kv_decode_kernel(
     acc_ptr,  # [num_reqs, Hq, NUM_SPLITS, HEAD_DIM_PAD] fp32
     max_ptr,  # [num_reqs, Hq, NUM_SPLITS] fp32

@@ -106,7 +106,7 @@ def _find_request(query_start_loc_ptr, tile_idx, num_reqs, BLOCK_Q: tl.constexpr
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])  # see triton_ops/__init__.py
 def _unified_attention_kernel(
     out_ptr,
     q_ptr,

@@ -13,7 +13,7 @@ from braid.layers.activation import SiluAndMul
 from braid.layers.moe.align import align_by_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # see layers/triton_ops/__init__.py
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, w_ptr, sorted_ids_ptr, block_expert_ptr,
     N, K, num_pairs, a_row_div,

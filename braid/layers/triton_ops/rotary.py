@@ -37,7 +37,7 @@ def _rotate_heads(base, stride_h, num_heads, c1, c2, s1, s2, j, j_mask, half, HE
     return o1.to(dtype), o2.to(dtype), h, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])  # see triton_ops/__init__.py
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,

@@ -142,6 +142,12 @@ class SchedulerConfig:
         return self.max_concurrent_batches or self.pipeline_parallel_size + int(self.async_scheduling)
 
     @property
+    def interleaves_passes(self) -> bool:
+        """Multi-step under pipeline parallelism: the engine core launches a batch's further
+        passes one at a time, between other micro-batches' (worker/multi_step_passes.py)."""
+        return self.pipeline_parallel_size > 1 and self.num_scheduler_steps > 1
+
+    @property
     def num_micro_batches(self) -> int:
         """How many ways the running requests are split (one share per batch in the pipeline)."""
         return max(1, min(self.pipeline_parallel_size, self.batches_in_flight))

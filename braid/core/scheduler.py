@@ -141,6 +141,18 @@ class Scheduler:
         return ((params.max_tokens is not None and pending_outputs >= params.max_tokens)
                 or pending_len >= self.config.max_model_len)
 
+    def _pop_victim(self, first: int) -> Request | None:
+        """The newest running request from index `first` on (the one being scheduled, at
+        worst): its KV goes and it comes back later. With interleaved multi-step passes
+        (pipeline parallelism) only one with no passes in flight: a pass launched after its
+        blocks went to another request would compute from their KV (multi_step_passes.py)."""
+        if not self.config.interleaves_passes:
+            return self.running.pop()
+        for j in range(len(self.running) - 1, first - 1, -1):
+            if not self.running[j].num_in_flight_steps:
+                return self.running.pop(j)
+        return None
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
@@ -174,7 +186,9 @@ class Scheduler:
                 new_block_ids = self.kv.allocate_slots(request, num_new)
                 if new_block_ids is not None:
                     break
-                victim = self.running.pop()
+                victim = self._pop_victim(i)
+                if victim is None:  # every candidate still has passes to launch
+                    break
                 self._preempt(victim)
                 preempted_any = True
                 if victim is request:

@@ -44,6 +44,9 @@ class SchedulerOutput:
     # Multi-step: decode-only batches run this many forward passes (one token each per
     # request), the sampled ids feeding the next pass on the device.
     num_steps: int = 1
+    # Which launched batch this is (the engine core counts them): interleaved multi-step
+    # passes (pipeline parallelism) name their batch by it.
+    batch_id: int = 0
 
     @property
     def is_empty(self) -> bool:

@@ -1,11 +1,17 @@
 """EngineCore: owns the scheduler and the executor; one step() schedules,
 runs the model and turns the result into per-request outputs.
 
-Every step() reports one forward pass's tokens, in order. A batch is scheduled
-and launched whole (a multi-step batch is several passes) and reported pass by
-pass. With async scheduling up to two batches are in flight: batch t+1 is
+Every step() reports one forward pass's tokens, in launch order. A batch is
+scheduled and launched whole (a multi-step batch is several passes) and reported
+pass by pass. With async scheduling up to two batches are in flight: batch t+1 is
 scheduled and launched before batch t's tokens are awaited, so the host's
 scheduling, input preparation and output processing overlap the device's work.
+
+Multi-step under pipeline parallelism launches a batch's further passes one at a
+time, interleaved with the other micro-batches' (each batch keeps up to
+PASSES_AHEAD passes launched): a pass waits on the GPU for its batch's previous
+pass to come round the pipeline, while the passes queued in between keep every
+stage busy — and no host round trip sits between a batch's passes.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import atexit
 import gc
 import logging
 from collections import deque
+from dataclasses import dataclass, field
 
 from braid.config import EngineConfig
 from braid.core.kv_cache_manager import KVCacheManager
@@ -23,6 +30,16 @@ from braid.executor.uniproc import UniprocExecutor
 from braid.observe.trace import make_tracer
 
 logger = logging.getLogger(__name__)
+
+# Interleaved multi-step (pipeline parallelism): passes of one batch launched and not yet reported.
+PASSES_AHEAD = 2
+
+
+@dataclass
+class LaunchedBatch:
+    scheduler_output: object
+    pending: deque = field(default_factory=deque)  # launched passes' outputs, not yet reported
+    to_launch: int = 0                             # interleaved multi-step: passes not yet launched
 
 _import_heap_frozen = False
 
@@ -77,8 +94,12 @@ class EngineCore:
         # Each pipeline stage holds a batch; async scheduling keeps one more in flight.
         self.max_batches_in_flight = config.scheduler.batches_in_flight
         self.stream_outputs = config.scheduler.multi_step_stream_outputs
-        # Launched batches not yet fully reported: (scheduler output, pending outputs of its passes).
-        self.in_flight: deque = deque()
+        self.interleaves_passes = config.scheduler.interleaves_passes
+        # Batches launched and not yet fully reported, oldest first; and one entry per launched
+        # pass, in launch order (the order their outputs come back in).
+        self.in_flight: deque[LaunchedBatch] = deque()
+        self.report_order: deque[LaunchedBatch] = deque()
+        self._next_batch_id = 0
 
     @property
     def num_blocks(self) -> int:
@@ -111,31 +132,52 @@ class EngineCore:
                     # finished/preempted ids it carries go to the workers with the next batch.
                     self.scheduler.defer(scheduler_output)
                 else:
-                    passes = deque(self.executor.execute_model_async(scheduler_output))
-                    self.in_flight.append((scheduler_output, passes))
+                    self._launch(scheduler_output)
                     if len(self.in_flight) < self.max_batches_in_flight:
                         return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
-            if not self.in_flight:
+            if self.interleaves_passes:
+                self._launch_further_passes()
+            if not self.report_order:
                 return EngineCoreOutputs(outputs=[], stats=self.scheduler.make_stats())
-            if self.stream_outputs:
+            if self.stream_outputs or self.interleaves_passes:
                 return self._report_next_pass()
             # Without streaming, a multi-step batch reports all its passes at once.
-            batch = self.in_flight[0]
+            batch = self.report_order[0]
             outputs = []
-            while self.in_flight and self.in_flight[0] is batch:
+            while self.report_order and self.report_order[0] is batch:
                 reported = self._report_next_pass()
                 outputs += reported.outputs
             return EngineCoreOutputs(outputs=outputs, stats=reported.stats)
 
+    def _launch(self, scheduler_output) -> None:
+        scheduler_output.batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        batch = LaunchedBatch(scheduler_output)
+        batch.pending.extend(self.executor.execute_model_async(scheduler_output))
+        # Interleaved multi-step: only the first pass is launched now.
+        batch.to_launch = scheduler_output.num_steps - len(batch.pending)
+        self.in_flight.append(batch)
+        self.report_order.extend([batch] * len(batch.pending))
+
+    def _launch_further_passes(self) -> None:
+        """Interleaved multi-step: top every batch up to PASSES_AHEAD launched passes, oldest
+        batch first, so each stage's queue holds the other batches' passes between two of one."""
+        for batch in self.in_flight:
+            while batch.to_launch and len(batch.pending) < PASSES_AHEAD:
+                (pending,) = self.executor.continue_model_async(batch.scheduler_output.batch_id)
+                batch.pending.append(pending)
+                batch.to_launch -= 1
+                self.report_order.append(batch)
+
     def _report_next_pass(self) -> EngineCoreOutputs:
-        scheduler_output, passes = self.in_flight[0]
-        pending = passes.popleft()
-        if not passes:
-            self.in_flight.popleft()
+        batch = self.report_order.popleft()
+        pending = batch.pending.popleft()
+        if not batch.pending and not batch.to_launch:
+            self.in_flight.remove(batch)
         with self.tracer.cpu_span("wait_output"):
             runner_output = pending.result()
         with self.tracer.cpu_span("process_outputs"):
-            return self.scheduler.update_from_output(scheduler_output, runner_output)
+            return self.scheduler.update_from_output(batch.scheduler_output, runner_output)
 
     def kill_workers(self) -> None:
         """Kill worker processes at once (no-op in process): for a core that is going down hard."""

@@ -27,7 +27,8 @@ import traceback
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
-from braid.executor.worker_setup import WorkerError, destroy_process_group, report_passes, start_worker
+from braid.executor.worker_setup import (
+    WorkerError, destroy_process_group, launched_passes, report_passes, start_worker)
 
 __all__ = ["MultiprocExecutor", "WorkerError"]
 
@@ -45,6 +46,7 @@ def _codec():
         "execute_model_dp": msgspec.msgpack.Decoder(list[SchedulerOutput]),
         "determine_num_blocks": msgspec.msgpack.Decoder(None),
         "initialize_kv_cache": msgspec.msgpack.Decoder(int),
+        "continue_model": msgspec.msgpack.Decoder(int),
         "shutdown": msgspec.msgpack.Decoder(None),
     }
     return enc, decoders, msgspec
@@ -143,7 +145,12 @@ class MultiprocExecutor:
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> list["PendingReply"]:
         self._broadcast("execute_model", scheduler_output)
-        return [PendingReply(self, self.output_rank) for _ in range(scheduler_output.num_steps)]
+        return [PendingReply(self, self.output_rank) for _ in range(launched_passes(self.config, scheduler_output))]
+
+    def continue_model_async(self, batch_id: int) -> list["PendingReply"]:
+        """The next pass of an interleaved multi-step batch (pipeline parallelism)."""
+        self._broadcast("continue_model", batch_id)
+        return [PendingReply(self, self.output_rank)]
 
     def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list[list["PendingReply"]]:
         """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
@@ -234,8 +241,9 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_p
                 break
             if method == "execute_model_dp":  # this replica's part of a data-parallel step
                 method, payload = "execute_model", payload[rank // replica]
-            if method == "execute_model":
-                for pending in worker.execute_model_async(payload):
+            if method in ("execute_model", "continue_model"):
+                launch = worker.execute_model_async if method == "execute_model" else worker.continue_model_async
+                for pending in launch(payload):
                     passes.put(pending)
             elif method == "determine_num_blocks":
                 conn.send_bytes(_frame("ok", enc.encode(worker.determine_num_blocks())))

@@ -23,7 +23,8 @@ import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from braid.executor.worker_setup import WORKER_ENV, WorkerError, destroy_process_group, report_passes, start_worker
+from braid.executor.worker_setup import (
+    WORKER_ENV, WorkerError, destroy_process_group, launched_passes, report_passes, start_worker)
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +90,13 @@ class _RayWorker:
         """Data parallelism: the replicas' steps, of which this rank runs its replica's."""
         self._execute(lambda: self._dp_decoder.decode(frame)[self._replica])
 
-    def _execute(self, scheduler_output) -> None:
+    def continue_model(self, batch_id: int) -> None:
+        """The next pass of an interleaved multi-step batch (pipeline parallelism)."""
+        self._execute(lambda: batch_id, self.worker.continue_model_async)
+
+    def _execute(self, payload, launch=None) -> None:
         try:
-            for pending in self.worker.execute_model_async(scheduler_output()):
+            for pending in (launch or self.worker.execute_model_async)(payload()):
                 self._passes.put(pending)
         except Exception:  # noqa: BLE001 - the watch call reports it
             self._fail(traceback.format_exc())
@@ -218,7 +223,13 @@ class RayExecutor:
             actor.execute_model.remote(frame)
         output_actor = self.actors[self.output_rank]
         return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())
-                for _ in range(scheduler_output.num_steps)]
+                for _ in range(launched_passes(self.config, scheduler_output))]
+
+    def continue_model_async(self, batch_id: int) -> list["RayPendingReply"]:
+        for actor in self.actors:
+            actor.continue_model.remote(batch_id)
+        output_actor = self.actors[self.output_rank]
+        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())]
 
     def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list[list["RayPendingReply"]]:
         """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is

@@ -24,5 +24,8 @@ class UniprocExecutor:
         """Launch the step's passes; each pending output's .result() waits for that pass's tokens."""
         return self.worker.execute_model_async(scheduler_output)
 
+    def continue_model_async(self, batch_id: int) -> list[AsyncModelRunnerOutput]:
+        return self.worker.continue_model_async(batch_id)
+
     def shutdown(self) -> None:
         pass

@@ -50,6 +50,12 @@ def start_worker(rank: int, config: EngineConfig, init_method: str, cuda_index: 
     return Worker(config, tracer), tracer
 
 
+def launched_passes(config: EngineConfig, scheduler_output) -> int:
+    """Passes one execute call launches: all of the batch's, or with interleaved multi-step
+    (pipeline parallelism) the first only — the engine core launches the rest one by one."""
+    return 1 if config.scheduler.interleaves_passes else scheduler_output.num_steps
+
+
 def report_passes(passes: "queue.Queue", deliver: Callable | None, on_error: Callable[[str], None]) -> None:
     """Thread body: wait for each launched pass's tokens in launch order and hand them to
     `deliver` (the output rank) or drop them (every other rank still waits, so its errors

@@ -239,20 +239,33 @@ class DecodeCudaGraphs:
         self._pad_rows(n, size)
         self._upload_and_replay(size, split)
 
+    def save_inputs(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy (on the stream, after the work queued so far) of every input buffer: an
+        interleaved multi-step batch keeps its inputs while other batches replay in between."""
+        if into is None:
+            return self.device_buffer.clone()
+        return into.copy_(self.device_buffer)
+
+    def restore_inputs(self, saved: torch.Tensor) -> None:
+        self.device_buffer.copy_(saved)
+
     def _upload_and_replay(self, size: int, split: bool) -> None:
         self.device_buffer.copy_(self.host_buffer, non_blocking=True)
         self._uploaded = torch.cuda.Event()
         self._uploaded.record()
         (self.split_graphs if split else self.graphs)[size][0].replay()
 
-    def run_next(self, sampled: torch.Tensor, num_reqs: int):
-        """The next pass of a multi-step run over the batch of the last run(): every request's
-        input becomes its sampled token one position on, advanced on the device; then replay.
-        A later pipeline stage has received its inputs into stage_input_rows(B) already."""
+    def run_next(self, sampled: torch.Tensor, num_reqs: int, dead_rows: torch.Tensor | None = None):
+        """The next pass of a multi-step run over the batch of the last run() (or of the inputs
+        restore_inputs put back): every request's input becomes its sampled token one position
+        on, advanced on the device; dead_rows write no KV; then replay. A later pipeline stage
+        has received its inputs into stage_input_rows(B) already."""
         size = self.bucket(num_reqs)
         d = self.dev
         advance_decode_inputs(d["input_ids"], d["positions"], d["seq_lens"], d["slot_mapping"], d["block_table"],
                               sampled, num_reqs, self.block_size)
+        if dead_rows is not None:
+            d["slot_mapping"].index_fill_(0, dead_rows, -1)
         graph, out = self.graphs[size]
         graph.replay()
         return tuple(t[:num_reqs] for t in out) if isinstance(out, tuple) else out[:num_reqs]

@@ -9,7 +9,7 @@ import torch
 
 from braid.config import EngineConfig
 from braid.distributed.comm import (
-    pp_recv, pp_recv_from_last_stage, pp_recv_into, pp_send, pp_send_to_first_stage)
+    pp_recv, pp_recv_into, pp_send)
 from braid.distributed.parallel_state import (
     get_dp_group, get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage)
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -22,7 +22,7 @@ from braid.worker.batch_inputs import build_host_batch, pack_to_device, upload
 from braid.worker.cuda_graphs import DecodeCudaGraphs
 from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
-from braid.worker.multi_step import advance_decode_inputs
+from braid.worker.multi_step_passes import MultiStepBatch, MultiStepMixin
 from braid.worker.request_state import CachedRequestState
 from braid.worker.dbo_steps import DboStepsMixin
 from braid.worker.ubatch_split import agree_on_split
@@ -30,7 +30,7 @@ from braid.worker.ubatch_split import agree_on_split
 logger = logging.getLogger(__name__)
 
 
-class ModelRunner(DboStepsMixin):
+class ModelRunner(DboStepsMixin, MultiStepMixin):
     def __init__(self, config: EngineConfig, tracer=None) -> None:
         from braid.models.loader import load_model
         from braid.observe.trace import NULL_TRACER
@@ -51,6 +51,8 @@ class ModelRunner(DboStepsMixin):
         # The last step's sampled ids on the device, and each sampling request's row in them.
         self.prev_sampled: torch.Tensor | None = None
         self.prev_sampled_rows: dict[str, int] = {}
+        # Interleaved multi-step batches (pipeline parallelism) with passes still to launch, by batch id.
+        self._multi_step_batches: dict = {}
         # Sampled ids travel to the host on their own stream (see async_output).
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ubatches = None  # dual-batch overlap's threads and streams
@@ -172,6 +174,8 @@ class ModelRunner(DboStepsMixin):
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             self.preempted.pop(req_id, None)
+        if self._multi_step_batches:
+            self._mark_dead_rows(so.finished_req_ids | so.preempted_req_ids)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             resumed = self.preempted.pop(new.req_id, None)
@@ -261,47 +265,10 @@ class ModelRunner(DboStepsMixin):
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
 
-        # Multi-step: the further passes of a decode batch, fed from the device (under pipeline
-        # parallelism the first stage receives each pass's samples from the last stage).
-        seq_lens_cpu = host.seq_lens.copy()
-        for _ in range(1, so.num_steps):
-            self._return_samples_to_first_stage()
-            seq_ends = seq_ends + 1
-            with tracer.cpu_span("launch", tokens=host.num_tokens, cuda_graph=batch is None):
-                sampled = self._samples_for_next_pass(len(states), batch)
-                stage_input = self._receive(host.num_tokens, batch is None)
-                with tracer.gpu_span("forward"):
-                    if batch is None:
-                        out = self.cuda_graphs.run_next(sampled, len(states))
-                    else:
-                        seq_lens_cpu = seq_lens_cpu + 1
-                        md = batch.attn_metadata
-                        advance_decode_inputs(batch.input_ids, batch.positions, md.seq_lens, md.slot_mapping,
-                                              md.block_table, sampled, len(states), self.block_size)
-                        batch.attn_metadata = dataclasses.replace(md, max_seq_len=md.max_seq_len + 1,
-                                                                  seq_lens_cpu=torch.from_numpy(seq_lens_cpu))
-                        out = self._forward_eager(batch, stage_input)
-                hidden = self._send_on(out)
-            outputs.append(self._sample_and_send(states, req_ids, rows, seq_ends, hidden, logits_idx))
-            for state in states:
-                state.num_computed_tokens += 1
-        return outputs
-
-    # ---- multi-step under pipeline parallelism -------------------------------------
-    def _return_samples_to_first_stage(self) -> None:
-        """The last stage sends the pass's samples to the first, which feeds them to the next pass."""
-        if get_pp_size() > 1 and is_last_pp_stage():
-            pp_send_to_first_stage(self.prev_sampled)
-
-    def _samples_for_next_pass(self, num_reqs: int, batch) -> torch.Tensor:
-        """The tokens the next pass's inputs become: this rank's samples, the last stage's (first
-        stage of a pipeline), or — on later stages, which read hidden states, not token ids — the
-        inputs themselves (advancing them then only moves positions and cache slots on)."""
-        if get_pp_size() == 1:
-            return self.prev_sampled
-        if is_first_pp_stage():
-            return pp_recv_from_last_stage(num_reqs, self.device)
-        return self.cuda_graphs.dev["input_ids"] if batch is None else batch.input_ids
+        # Multi-step: the decode batch's further passes (multi_step_passes.py).
+        ms = MultiStepBatch(states, req_ids, rows, seq_ends, logits_idx, batch, host.seq_lens.copy(), host.num_tokens,
+                            passes_left=so.num_steps - 1)
+        return outputs + self._further_passes(ms, so.batch_id)
 
     @property
     def _layer_tracer(self):

@@ -62,3 +62,6 @@ class Worker:
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> list[AsyncModelRunnerOutput]:
         return self.model_runner.execute_model_async(scheduler_output)
+
+    def continue_model_async(self, batch_id: int) -> list[AsyncModelRunnerOutput]:
+        return self.model_runner.continue_model_async(batch_id)

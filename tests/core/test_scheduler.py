@@ -245,3 +245,28 @@ def test_shrink_steps_gives_back_a_multi_step_batchs_extra_passes():
     assert r.output_token_ids == p.output_token_ids and len(r.output_token_ids) == 6
     assert any(multi_run and n > 1 for multi_run, n in passes)
     assert multi.kv.num_free_blocks == multi.kv.num_blocks
+
+
+def test_interleaved_multi_step_never_preempts_a_request_with_passes_in_flight():
+    """PP=2 with multi-step: a request whose passes are still in flight keeps its blocks (a
+    pass launched after they went to another request would compute from that one's KV); the
+    scheduler preempts one with nothing in flight — here the request being scheduled."""
+    def pool_full_with_b_in_flight(**cfg):
+        s = make_scheduler(num_blocks=3, block_size=4, max_num_seqs=2, **cfg)
+        a, b = make_request("a", list(range(8)), max_tokens=9), make_request("b", list(range(4)), max_tokens=9)
+        s.add_request(a)
+        s.add_request(b)
+        out = s.schedule()  # both prompts: 3 blocks, the whole pool
+        s.update_from_output(out, fake_run(out, {"a": a, "b": b}))
+        assert s.kv.num_free_blocks == 0
+        b.num_in_flight_steps = 3  # b's multi-step batch still has passes out
+        return s, a, b
+
+    s, a, b = pool_full_with_b_in_flight(pipeline_parallel_size=2, num_scheduler_steps=4)
+    assert s.config.interleaves_passes
+    s.schedule()  # a's next token needs a block: none free, and b may not give its up
+    assert b.status == RequestStatus.RUNNING and a.status == RequestStatus.PREEMPTED
+
+    s, a, b = pool_full_with_b_in_flight(pipeline_parallel_size=2)  # no multi-step: the newest goes
+    s.schedule()
+    assert b.status == RequestStatus.PREEMPTED and a.status == RequestStatus.RUNNING

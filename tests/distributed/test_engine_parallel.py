@@ -166,6 +166,84 @@ def test_multi_step_through_the_pipeline_equals_single_device(tmp_path, parallel
         core.shutdown()
 
 
+def test_interleaved_multi_step_with_early_stops_and_arrivals(tmp_path):
+    """PP=2 multi-step passes interleave across micro-batches (the engine core launches each
+    further pass). Requests stop mid-batch on a stop token while their batch has passes left,
+    and new requests arriving meanwhile get their blocks (a tight pool) and are launched in
+    between: those later passes must write no KV (they would overwrite the newcomers').
+    Every request's tokens equal the single device's."""
+    model = make_tiny_checkpoint("llama", tmp_path / "llama", num_hidden_layers=4)
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + i % 7)] for i in range(20)]
+    single = LLM(model, kv_cache_memory="64MiB")
+    first = _tokens(single, prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    # Each request stops at the first sight of its 5th greedy token (often mid multi-step batch).
+    params = [SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[t[4]]) for t in first]
+    want = _tokens(single, prompts, params)
+    assert any(len(w) < 24 for w in want)
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=model, num_gpu_blocks_override=18, max_model_len=64, pipeline_parallel_size=2,
+        num_scheduler_steps=4, async_scheduling=True))
+    core = engine.engine_core
+    continued = []
+    cont = core.executor.continue_model_async
+    core.executor.continue_model_async = lambda batch_id: continued.append(batch_id) or cont(batch_id)
+    try:
+        arrivals = iter(range(len(prompts)))
+        for _ in range(6):
+            i = next(arrivals)
+            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params[i])
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[int(out.request_id)] = out.outputs[0].token_ids
+                    i = next(arrivals, None)  # a newcomer takes the freed blocks
+                    if i is not None:
+                        engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params[i])
+        assert [done[i] for i in range(len(prompts))] == want
+        assert len(set(continued)) > 1                      # several batches' passes launched one by one
+        assert core.scheduler.num_wasted_tokens > 0         # passes ran past stopped requests
+        kv = engine.kv_cache_manager
+        assert kv.num_free_blocks == kv.num_blocks
+    finally:
+        core.shutdown()
+
+
+def test_interleaved_passes_after_an_abort_write_no_kv(tmp_path):
+    """A request is aborted while its PP=2 multi-step batch still has passes to launch; with the
+    pool full, a newcomer gets exactly its blocks and is launched before those passes. They
+    must write no KV: the newcomer's tokens equal the single device's. (Fails with the
+    dead-row masking of worker/multi_step_passes.py taken out.)"""
+    model = make_tiny_checkpoint("llama", tmp_path / "llama", num_hidden_layers=4)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kept, newcomer = list(range(40, 50)), [(5 * j) % 300 + 3 for j in range(32)]
+    want = _tokens(LLM(model, kv_cache_memory="64MiB", max_model_len=80), [kept, newcomer], params)
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=model, num_gpu_blocks_override=7, max_model_len=80, pipeline_parallel_size=2, num_scheduler_steps=8,
+        enable_prefix_caching=False))
+    core, kv = engine.engine_core, engine.kv_cache_manager
+    try:
+        engine.add_request("gone", {"prompt_token_ids": list(range(3, 13))}, params)
+        engine.add_request("kept", {"prompt_token_ids": kept}, params)
+        done, aborted = {}, False
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            if aborted:
+                continue
+            pending = [b for b in core.in_flight if "gone" in b.scheduler_output.num_scheduled_tokens and b.to_launch]
+            if pending and kv.num_free_blocks == 0 and core.scheduler.requests["gone"].num_output_tokens >= 16:
+                engine.abort_request(["gone"])
+                engine.add_request("new", {"prompt_token_ids": newcomer}, params)
+                aborted = True
+        assert aborted
+        assert [done["kept"], done["new"]] == want
+        assert kv.num_free_blocks == kv.num_blocks
+    finally:
+        core.shutdown()
+
+
 def test_smollm2_pp2_with_chunks_prefix_hits_and_preemption(smollm2_path):
     single = LLM(smollm2_path, max_model_len=256, kv_cache_memory="64MiB")
     tokenizer = single.get_tokenizer()

@@ -39,7 +39,9 @@ def _tokens(llm, params=GREEDY):
 def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray):
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
     want = _tokens(LLM(model, kv_cache_memory="64MiB"))
-    for parallel in ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}):
+    # The last: multi-step passes interleaved across micro-batches (continue_model calls).
+    for parallel in ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+                     {"pipeline_parallel_size": 2, "num_scheduler_steps": 4}):
         llm = LLM(model, kv_cache_memory="64MiB", distributed_executor_backend="ray", async_scheduling=True,
                   **parallel)
         try:

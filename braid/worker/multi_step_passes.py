@@ -1,0 +1,132 @@
+"""The further passes of a multi-step decode batch (a mixin of ModelRunner), fed from the
+device: each pass's samples become the next pass's inputs without a host round trip
+(under pipeline parallelism the last stage sends them to the first).
+
+Without pipeline parallelism a batch's passes are launched back to back. With it they are
+interleaved with other micro-batches' passes (the engine core launches each further pass
+with `continue_model_async`): a pass waits on the GPU for its own previous pass to leave
+the last stage, and the micro-batches queued between them keep every stage busy meanwhile.
+Each batch then keeps its own inputs (a CUDA graph's input buffers are shared: saved after
+each pass, restored before the next) and last samples.
+
+A request that finishes or is preempted while its batch still has passes to launch may
+see its KV blocks handed to a new batch launched in between; its later passes then write
+no KV (slot -1) and their tokens are dropped by the scheduler. Passes launched before the
+new batch are ahead of it on the stream, as without interleaving.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from braid.distributed.comm import pp_recv_from_last_stage, pp_send_to_first_stage
+from braid.distributed.parallel_state import get_pp_size, is_first_pp_stage, is_last_pp_stage
+from braid.worker.async_output import AsyncModelRunnerOutput
+from braid.worker.multi_step import advance_decode_inputs
+
+
+@dataclass
+class MultiStepBatch:
+    states: list
+    req_ids: list[str]
+    rows: list[int]
+    seq_ends: np.ndarray
+    logits_idx: torch.Tensor | None
+    batch: object | None          # the eager batch's device inputs; None: the CUDA graph's
+    seq_lens_cpu: np.ndarray
+    num_tokens: int
+    passes_left: int
+    graph_inputs: torch.Tensor | None = None  # interleaved graph batches: saved input buffers
+    sampled: torch.Tensor | None = None       # interleaved: this batch's last samples (last stage)
+    dead_rows: list[int] = field(default_factory=list)
+
+
+class MultiStepMixin:
+    def _further_passes(self, ms: MultiStepBatch, batch_id: int) -> list[AsyncModelRunnerOutput]:
+        """Launch the batch's remaining passes now, or keep them for continue_model_async."""
+        if ms.passes_left and self.config.scheduler.interleaves_passes:
+            self._save_for_next_pass(ms)
+            self._multi_step_batches[batch_id] = ms
+            return []
+        outputs = []
+        while ms.passes_left:
+            outputs.append(self._next_pass(ms))
+        return outputs
+
+    @torch.inference_mode()
+    def continue_model_async(self, batch_id: int) -> list[AsyncModelRunnerOutput]:
+        """Launch the next pass of an interleaved multi-step batch (pipeline parallelism)."""
+        ms = self._multi_step_batches[batch_id]
+        if ms.graph_inputs is not None:
+            self.cuda_graphs.restore_inputs(ms.graph_inputs)
+        if ms.sampled is not None:
+            self.prev_sampled = ms.sampled
+        out = self._next_pass(ms)
+        if ms.passes_left:
+            self._save_for_next_pass(ms)
+        else:
+            del self._multi_step_batches[batch_id]
+        return [out]
+
+    def _save_for_next_pass(self, ms: MultiStepBatch) -> None:
+        if ms.batch is None:
+            ms.graph_inputs = self.cuda_graphs.save_inputs(ms.graph_inputs)
+        ms.sampled = self.prev_sampled if is_last_pp_stage() else None
+
+    def _mark_dead_rows(self, req_ids) -> None:
+        """Requests finished or preempted (their blocks may go to others): no more KV writes
+        from the passes of theirs still to launch."""
+        gone = set(req_ids)
+        if not gone:
+            return
+        for ms in self._multi_step_batches.values():
+            ms.dead_rows += [i for i, r in enumerate(ms.req_ids) if r in gone and i not in ms.dead_rows]
+
+    def _next_pass(self, ms: MultiStepBatch) -> AsyncModelRunnerOutput:
+        tracer = self.tracer
+        n = len(ms.states)
+        self._return_samples_to_first_stage()
+        ms.seq_ends = ms.seq_ends + 1
+        dead = (torch.tensor(ms.dead_rows, dtype=torch.int64, device=self.device) if ms.dead_rows else None)
+        with tracer.cpu_span("launch", tokens=ms.num_tokens, cuda_graph=ms.batch is None):
+            sampled = self._samples_for_next_pass(n, ms.batch)
+            stage_input = self._receive(ms.num_tokens, ms.batch is None)
+            with tracer.gpu_span("forward"):
+                if ms.batch is None:
+                    out = self.cuda_graphs.run_next(sampled, n, dead)
+                else:
+                    batch = ms.batch
+                    ms.seq_lens_cpu = ms.seq_lens_cpu + 1
+                    md = batch.attn_metadata
+                    advance_decode_inputs(batch.input_ids, batch.positions, md.seq_lens, md.slot_mapping,
+                                          md.block_table, sampled, n, self.block_size)
+                    if dead is not None:
+                        md.slot_mapping.index_fill_(0, dead, -1)
+                    batch.attn_metadata = dataclasses.replace(md, max_seq_len=md.max_seq_len + 1,
+                                                              seq_lens_cpu=torch.from_numpy(ms.seq_lens_cpu))
+                    out = self._forward_eager(batch, stage_input)
+            hidden = self._send_on(out)
+        output = self._sample_and_send(ms.states, ms.req_ids, ms.rows, ms.seq_ends, hidden, ms.logits_idx)
+        for state in ms.states:
+            state.num_computed_tokens += 1
+        ms.passes_left -= 1
+        return output
+
+    # ---- multi-step under pipeline parallelism -------------------------------------
+    def _return_samples_to_first_stage(self) -> None:
+        """The last stage sends the pass's samples to the first, which feeds them to the next pass."""
+        if get_pp_size() > 1 and is_last_pp_stage():
+            pp_send_to_first_stage(self.prev_sampled)
+
+    def _samples_for_next_pass(self, num_reqs: int, batch) -> torch.Tensor:
+        """The tokens the next pass's inputs become: this rank's samples, the last stage's (first
+        stage of a pipeline), or — on later stages, which read hidden states, not token ids — the
+        inputs themselves (advancing them then only moves positions and cache slots on)."""
+        if get_pp_size() == 1:
+            return self.prev_sampled
+        if is_first_pp_stage():
+            return pp_recv_from_last_stage(num_reqs, self.device)
+        return self.cuda_graphs.dev["input_ids"] if batch is None else batch.input_ids

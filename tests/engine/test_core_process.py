@@ -20,7 +20,8 @@ def tiny(tmp_path_factory):
 
 
 def _args(model, **kw):
-    return EngineArgs(model=model, max_model_len=128, kv_cache_memory="8MiB", **kw)
+    kw.setdefault("max_model_len", 128)
+    return EngineArgs(model=model, kv_cache_memory="8MiB", **kw)
 
 
 def test_messages_are_msgpack_never_pickle():
@@ -44,7 +45,8 @@ def test_startup_error_is_a_clear_value_error():
 
 
 def test_private_ipc_dir_streaming_and_dead_core(tiny):
-    llm = AsyncLLM.from_engine_args(_args(tiny))
+    # Room for a request far longer than the kill takes (a 100-token one could finish first on a busy host).
+    llm = AsyncLLM.from_engine_args(_args(tiny, max_model_len=1024))
     try:
         mode = stat.S_IMODE(os.stat(llm.client.ipc_dir).st_mode)
         assert mode == 0o700
@@ -61,7 +63,7 @@ def test_private_ipc_dir_streaming_and_dead_core(tiny):
             assert await llm.call_utility("num_free_blocks") == await llm.call_utility("num_blocks")
 
             # Kill the core mid-request: the waiting request fails fast, health turns bad.
-            long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+            long = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
             agen = llm.generate("Hello world", long, "b")
             await agen.__anext__()
             llm.client.process.kill()

@@ -45,7 +45,7 @@ def build(model_dir: str, args, mode: str, **extra):
                enforce_eager=args.eager, trace_dir=f"{args.trace_dir}/{mode}" if args.trace_dir else None, **extra)
 
 
-def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int) -> list[dict]:
+def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int, on_shape=None) -> list[dict]:
     """Every mode's engine alive at once (KV pools capped so they fit); each shape warmed on
     every engine, then timed round-robin over the modes, so drift of the host or the GPUs
     between modes (up to ~18% between separate runs) falls on all of them alike."""
@@ -77,6 +77,8 @@ def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int) -> l
                     step = statistics.median(many) * 1e3
                     out[mode]["prefill"] = dict(tokens_per_rank=size, step_ms=step, runs_s=many)
                 print(f"{mode:>4} {kind} {size:>4} tokens/rank: {step:.2f} ms/step", flush=True)
+            if on_shape is not None:  # what is measured so far survives a later failure
+                on_shape(list(out.values()))
     finally:
         for llm in llms.values():
             llm.llm_engine.engine_core.shutdown()
@@ -130,7 +132,7 @@ def main() -> None:
     p.add_argument("--decode", default="64,128,256", help="decode tokens per rank, comma separated ('' for none)")
     p.add_argument("--prefill", type=int, default=4096)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode)")
     p.add_argument("--trace-dir", default=None, help="trace each mode's run here and report overlap efficiency")
     p.add_argument("--interleave", action="store_true",
@@ -142,8 +144,11 @@ def main() -> None:
     result = dict(benchmark="dbo_step", **run_info(), shape=args.shape, dp=args.dp, tp=args.tp, ep=bool(args.ep),
                   eager=args.eager, nccl_p2p_disabled=os.environ.get("NCCL_P2P_DISABLE") == "1", runs=[])
     if args.interleave:
-        result["runs"] = measure_interleaved(model_dir, args, args.modes.split(","), SHAPES[args.shape]["vocab_size"])
-        write_result(args.out, result)
+        def save(runs):
+            result["runs"] = runs
+            write_result(args.out, result)
+
+        save(measure_interleaved(model_dir, args, args.modes.split(","), SHAPES[args.shape]["vocab_size"], save))
         return
     for mode in args.modes.split(","):
         try:

@@ -27,6 +27,10 @@ CASES = {
     "tp2xpp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2, async_scheduling=True),
     "pp4": dict(pipeline_parallel_size=4),
     "pp2-async-ms4": dict(pipeline_parallel_size=2, async_scheduling=True, num_scheduler_steps=4),
+    # Interleaved multi-step passes: CUDA-graph inputs saved and restored per micro-batch.
+    "pp2-ms8": dict(pipeline_parallel_size=2, num_scheduler_steps=8),
+    "pp2-ms8-eager": dict(pipeline_parallel_size=2, num_scheduler_steps=8, enforce_eager=True),
+    "pp4-async-ms8": dict(pipeline_parallel_size=4, async_scheduling=True, num_scheduler_steps=8),
 }
 
 

@@ -35,17 +35,21 @@ def read_bandwidth(nbytes: int = 4 * 2**30) -> float:
     return nbytes / (ms / 1e3)
 
 
-def configs() -> list[SkinnyConfig]:
-    out = []
-    for bn, bk, sk, st in itertools.product((32, 64, 128), (128, 256), (1, 2, 4), (3, 5)):
-        out.append(SkinnyConfig(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=st))
-    return out
+def configs(m: int) -> list[SkinnyConfig]:
+    if m <= 64:
+        return [SkinnyConfig(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=st)
+                for bn, bk, sk, st in itertools.product((32, 64, 128), (128, 256), (1, 2, 4), (3, 5))]
+    # Beyond 64 rows every row in one program (each weight tile read once), shorter K tiles for the
+    # larger activation tile, more warps for the larger accumulator.
+    block_m = min(256, 1 << (m - 1).bit_length())
+    return [SkinnyConfig(block_n=bn, block_k=bk, split_k=sk, num_warps=w, num_stages=3, block_m=block_m)
+            for bn, bk, sk, w in itertools.product((32, 64, 128), (64, 128), (1, 2, 4), (4, 8))]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,16,32,64,128,256")
-    p.add_argument("--triton-max-m", type=int, default=64)
+    p.add_argument("--triton-max-m", type=int, default=64, help="sweep the Triton kernel up to this many rows (<= 256)")
     p.add_argument("--matrices", default=",".join(LLAMA_MATRICES))
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -67,7 +71,7 @@ def main() -> None:
                        cublas_read_TBps=nbytes / cublas / 1e9)
             if m <= a.triton_max_m:
                 tried = []
-                for cfg in configs():
+                for cfg in configs(m):
                     try:
                         err = (skinny_gemm(x, ws[0], None, cfg).float() - ref.float()).abs().max().item()
                         ms = graph_median_ms(lambda: [skinny_gemm(x, w, None, cfg) for w in ws], copies)

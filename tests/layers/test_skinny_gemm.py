@@ -30,6 +30,8 @@ def randn(*shape, seed, dtype=torch.float32):
     (17, 100, 192, sk.SkinnyConfig(block_n=64, block_k=64), True),      # N ragged, two row blocks of 32
     (40, 64, 512, sk.SkinnyConfig(block_n=32, block_k=64, split_k=3), True),   # uneven K split
     (64, 128, 256, sk.SkinnyConfig(block_n=64, block_k=64, split_k=2), False),
+    (100, 64, 128, sk.SkinnyConfig(block_n=32, block_k=64, block_m=128), True),  # every row in one program
+    (130, 48, 128, sk.SkinnyConfig(block_n=32, block_k=64, block_m=64, split_k=2), False),  # 3 row blocks
 ])
 def test_skinny_gemm_matches_linear(m, n, k, config, bias):
     x, w = randn(m, k, seed=1), randn(n, k, seed=2)

@@ -27,6 +27,7 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    block_m: int = 0  # token rows per program; 0: by row count (block_m_for), at most 64
 
 
 @triton.jit(do_not_specialize=["M", "stride_os"])  # see triton_ops/__init__.py
@@ -115,7 +116,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m = block_m_for(m)
+    block_m = config.block_m or block_m_for(m)
     split = max(1, config.split_k)
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     split = triton.cdiv(k, k_per_split)

@@ -9,10 +9,12 @@ the last stage, and the micro-batches queued between them keep every stage busy 
 Each batch then keeps its own inputs (a CUDA graph's input buffers are shared: saved after
 each pass, restored before the next) and last samples.
 
-A request that finishes or is preempted while its batch still has passes to launch may
-see its KV blocks handed to a new batch launched in between; its later passes then write
-no KV (slot -1) and their tokens are dropped by the scheduler. Passes launched before the
-new batch are ahead of it on the stream, as without interleaving.
+A request that finishes or is aborted while its batch still has passes to launch may see
+its KV blocks handed to a new batch launched in between; its later passes then write no KV
+(slot -1) and the scheduler drops their tokens. Passes launched before the new batch are
+ahead of it on the stream, as without interleaving. (Preemption cannot take such a request:
+the scheduler picks victims with no passes in flight in this mode; a preempted one is
+masked all the same.)
 """
 from __future__ import annotations
 

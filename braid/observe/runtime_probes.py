@@ -62,8 +62,10 @@ def _install_triton_probe() -> bool:
     started: list[int] = []
 
     def on_compile_start(*args, **kwargs):
-        started.append(perf_counter_ns())
-        return before(*args, **kwargs) if before is not None else False
+        skip = before(*args, **kwargs) if before is not None else False
+        if not skip:  # a true result skips the compile, and then the post hook never comes
+            started.append(perf_counter_ns())
+        return skip
 
     def on_compile_end(*args, **kwargs):
         if started:

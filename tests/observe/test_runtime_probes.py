@@ -48,3 +48,17 @@ def test_probes_record_nothing_after_the_tracer_closes(tmp_path):
     tracer.close()
     gc.collect()  # must not raise or write
     assert runtime_probes._tracer() is tracer
+
+
+def test_a_compile_an_earlier_hook_skips_leaves_no_stale_start(tmp_path, monkeypatch):
+    knobs = pytest.importorskip("triton").knobs
+    skips = iter([True, False])
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *a, **k: next(skips))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
+    monkeypatch.delitem(runtime_probes._installed, "triton", raising=False)
+    tracer = make_tracer(str(tmp_path), "worker-0")
+    assert knobs.runtime.jit_cache_hook(key="a") is True   # skipped: no post hook follows
+    assert knobs.runtime.jit_cache_hook(key="b") is False
+    knobs.runtime.jit_post_compile_hook(key="b", fn=SimpleNamespace(name="_b"))
+    knobs.runtime.jit_post_compile_hook(key="x", fn=SimpleNamespace(name="_x"))  # no start left: no span
+    assert [s["args"]["kernel"] for s in _spans(tracer, "triton_compile")] == ["_b"]

@@ -102,6 +102,23 @@ def build_host_batch(requests: list[CachedRequestState], num_tokens: list[int], 
     )
 
 
+PACK_ALIGN = 16
+
+
+def packed_layout(arrays: list[np.ndarray]) -> tuple[list[int], int]:
+    """Byte offset of each array in the packed upload, and the total size.
+
+    Every view starts 16-byte aligned: Triton specializes a pointer argument on
+    16-byte alignment, so a view whose alignment changed with the batch's shapes
+    would compile a kernel variant mid-run (layers/triton_ops/__init__.py).
+    """
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // PACK_ALIGN) * PACK_ALIGN
+    return offsets, total
+
+
 def pack_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """Copy host arrays to the device with one upload, without a stream sync.
 
@@ -111,10 +128,7 @@ def pack_to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch
     """
     if device.type != "cuda":
         return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // 8) * 8  # keep every view 8-byte aligned
+    offsets, total = packed_layout(arrays)
     staging = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=True)
     flat = staging.numpy()
     for a, off in zip(arrays, offsets):

@@ -96,5 +96,5 @@ def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
                         lambda *a, **k: compiles.append(k.get("repr")))  # name + argument specializations
     for n, lo, hi in ((1, 2, 3), (16, 32, 33), (17, 100, 140), (32, 2, 200)):
         run(n, lo, hi)
-    assert compiles == []
+    assert compiles == [], "\n".join(compiles)
     assert_pool_full(llm)

@@ -80,6 +80,13 @@ def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
     multiples of 16 and others; block tables of other widths) compile no Triton kernel: a
     compile mid-run stalls the step for 0.2-0.8 s (layers/triton_ops/__init__.py)."""
     knobs = pytest.importorskip("triton").knobs
+    # Every compile, by kernel name: its specializations (argument types, and which pointers
+    # and ints Triton took as 16-aligned or equal to 1). Recorded from the start, so a failure
+    # shows how a mid-run variant differs from the warm ones.
+    compiles: list[tuple[str, str]] = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda *a, **k: compiles.append((k["fn"].name, f"{k['compile']['signature']} "
+                                                         f"{k['compile']['configs']} {k['compile']['constants']}")))
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
     llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=32)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -91,10 +98,10 @@ def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
     run(5, 2, 40)
-    compiles = []
-    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
-                        lambda *a, **k: compiles.append(k.get("repr")))  # name + argument specializations
+    warm = len(compiles)
     for n, lo, hi in ((1, 2, 3), (16, 32, 33), (17, 100, 140), (32, 2, 200)):
         run(n, lo, hi)
-    assert compiles == [], "\n".join(compiles)
+    late = compiles[warm:]
+    assert late == [], "\n".join(f"{name}: {spec}\n  warm: " + "\n  warm: ".join(
+        s for n, s in compiles[:warm] if n == name) for name, spec in late)
     assert_pool_full(llm)

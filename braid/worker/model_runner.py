@@ -25,6 +25,7 @@ from braid.worker.logprobs import prompt_logprobs_for_chunk
 from braid.worker.multi_step_passes import MultiStepBatch, MultiStepMixin
 from braid.worker.request_state import CachedRequestState
 from braid.worker.dbo_steps import DboStepsMixin
+from braid.worker.kernel_warmup import warm_up_batches
 from braid.worker.ubatch_split import agree_on_split
 
 logger = logging.getLogger(__name__)
@@ -127,8 +128,35 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
                 split_compute=self._split_graph_forward if overlap.enable_dbo else None,
                 split_min_size=overlap.dbo_decode_token_threshold)
             self.cuda_graphs.capture()
+        if self.device.type == "cuda":
+            self.warm_up_kernels()
         if self.config.overlap.enable_dbo and self.config.overlap.dbo_policy == "auto":
             self._calibrate_dbo()
+
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Eager forwards of the batch shapes that pick kernel variants the profile run and
+        CUDA-graph capture did not compile (kernel_warmup.py). They write no KV (slot -1)
+        and sample nothing; every rank runs the same shapes, so collectives match."""
+        sched = self.config.scheduler
+        batches = warm_up_batches(sched.max_num_seqs, min(sched.max_num_batched_tokens, sched.max_model_len),
+                                  self.num_kv_heads, decode=self.cuda_graphs is None)
+        hidden_size = self.config.model.hf_config.hidden_size
+        for query_lens in batches:
+            num_tokens = sum(query_lens)
+            blocks = list(range(-(-max(query_lens) // self.block_size)))
+            md = build_attention_metadata(query_lens, query_lens, [blocks] * len(query_lens), self.block_size,
+                                          self.device)
+            md = dataclasses.replace(md, slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64,
+                                                                 device=self.device))
+            ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
+            stage_input = (None, None) if is_first_pp_stage() else tuple(
+                torch.zeros(num_tokens, hidden_size, dtype=self.config.model.dtype, device=self.device)
+                for _ in range(2))
+            with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend,
+                                                    dp_padded_tokens=num_tokens if self._dp_pads_moe else None)):
+                self._compute(ids, positions, *stage_input)
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:

@@ -103,16 +103,18 @@ def pp_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
     return out
 
 
-def pp_send_to_first_stage(tokens: torch.Tensor) -> None:
-    """Multi-step under pipeline parallelism: the last stage's sampled ids [B] go to the first."""
+def pp_isend_to_first_stage(tokens: torch.Tensor):
+    """Multi-step under pipeline parallelism: the last stage's sampled ids [B] go to the first
+    as soon as they are sampled. Returns the send's work (wait on it before dropping it)."""
     from braid.distributed.parallel_state import get_pp_group, get_pp_ranks
 
-    dist.send(tokens.contiguous(), dst=get_pp_ranks()[0], group=get_pp_group())
+    return dist.isend(tokens.contiguous(), dst=get_pp_ranks()[0], group=get_pp_group())
 
 
-def pp_recv_from_last_stage(num_tokens: int, device: torch.device) -> torch.Tensor:
+def pp_irecv_from_last_stage(num_tokens: int, device: torch.device):
+    """The first stage's side: (tokens [B], work); wait on the work before reading them (on
+    NCCL the wait only orders the current stream after the receive: the host goes on)."""
     from braid.distributed.parallel_state import get_pp_group, get_pp_ranks
 
     tokens = torch.empty(num_tokens, dtype=torch.int64, device=device)
-    dist.recv(tokens, src=get_pp_ranks()[-1], group=get_pp_group())
-    return tokens
+    return tokens, dist.irecv(tokens, src=get_pp_ranks()[-1], group=get_pp_group())

@@ -7,7 +7,10 @@ interleaved with other micro-batches' passes (the engine core launches each furt
 with `continue_model_async`): a pass waits on the GPU for its own previous pass to leave
 the last stage, and the micro-batches queued between them keep every stage busy meanwhile.
 Each batch then keeps its own inputs (a CUDA graph's input buffers are shared: saved after
-each pass, restored before the next) and last samples.
+each pass, restored before the next) and last samples. The last stage sends a pass's
+samples as soon as they are drawn, and the first stage posts the matching receive while
+handling the same pass, so the two sides pair sends and receives in one order whatever
+the interleaving; the first stage's next pass waits for them on the GPU, not the host.
 
 A request that finishes or is aborted while its batch still has passes to launch may see
 its KV blocks handed to a new batch launched in between; its later passes then write no KV
@@ -24,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from braid.distributed.comm import pp_recv_from_last_stage, pp_send_to_first_stage
+from braid.distributed.comm import pp_irecv_from_last_stage, pp_isend_to_first_stage
 from braid.distributed.parallel_state import get_pp_size, is_first_pp_stage, is_last_pp_stage
 from braid.worker.async_output import AsyncModelRunnerOutput
+from braid.worker.batch_inputs import pack_to_device
 from braid.worker.multi_step import advance_decode_inputs
 
 
@@ -44,12 +48,18 @@ class MultiStepBatch:
     graph_inputs: torch.Tensor | None = None  # interleaved graph batches: saved input buffers
     sampled: torch.Tensor | None = None       # interleaved: this batch's last samples (last stage)
     dead_rows: list[int] = field(default_factory=list)
+    dead_rows_dev: torch.Tensor | None = None  # dead_rows on the device (uploaded once per change)
+    # Interleaved under pipeline parallelism: the posted receive of the next pass's tokens
+    # (first stage, (tokens, work)); the send of the last samples (last stage, its work).
+    incoming: tuple | None = None
+    outgoing: object | None = None
 
 
 class MultiStepMixin:
     def _further_passes(self, ms: MultiStepBatch, batch_id: int) -> list[AsyncModelRunnerOutput]:
         """Launch the batch's remaining passes now, or keep them for continue_model_async."""
         if ms.passes_left and self.config.scheduler.interleaves_passes:
+            self._exchange_samples(ms)
             self._save_for_next_pass(ms)
             self._multi_step_batches[batch_id] = ms
             return []
@@ -67,6 +77,7 @@ class MultiStepMixin:
         if ms.sampled is not None:
             self.prev_sampled = ms.sampled
         out = self._next_pass(ms)
+        self._exchange_samples(ms)
         if ms.passes_left:
             self._save_for_next_pass(ms)
         else:
@@ -85,16 +96,21 @@ class MultiStepMixin:
         if not gone:
             return
         for ms in self._multi_step_batches.values():
-            ms.dead_rows += [i for i, r in enumerate(ms.req_ids) if r in gone and i not in ms.dead_rows]
+            newly = [i for i, r in enumerate(ms.req_ids) if r in gone and i not in ms.dead_rows]
+            if newly:
+                ms.dead_rows += newly
+                ms.dead_rows_dev = None
 
     def _next_pass(self, ms: MultiStepBatch) -> AsyncModelRunnerOutput:
         tracer = self.tracer
         n = len(ms.states)
-        self._return_samples_to_first_stage()
         ms.seq_ends = ms.seq_ends + 1
-        dead = (torch.tensor(ms.dead_rows, dtype=torch.int64, device=self.device) if ms.dead_rows else None)
+        if ms.dead_rows and ms.dead_rows_dev is None:
+            # Pinned, non-blocking: a plain torch.tensor(..., device=cuda) would wait for the stream.
+            ms.dead_rows_dev = pack_to_device([np.asarray(ms.dead_rows, dtype=np.int64)], self.device)[0]
+        dead = ms.dead_rows_dev
         with tracer.cpu_span("launch", tokens=ms.num_tokens, cuda_graph=ms.batch is None):
-            sampled = self._samples_for_next_pass(n, ms.batch)
+            sampled = self._samples_for_next_pass(ms)
             stage_input = self._receive(ms.num_tokens, ms.batch is None)
             with tracer.gpu_span("forward"):
                 if ms.batch is None:
@@ -118,17 +134,28 @@ class MultiStepMixin:
         return output
 
     # ---- multi-step under pipeline parallelism -------------------------------------
-    def _return_samples_to_first_stage(self) -> None:
-        """The last stage sends the pass's samples to the first, which feeds them to the next pass."""
-        if get_pp_size() > 1 and is_last_pp_stage():
-            pp_send_to_first_stage(self.prev_sampled)
+    def _exchange_samples(self, ms: MultiStepBatch) -> None:
+        """After a pass of an interleaved batch: the last stage sends its samples to the first
+        (when another pass follows), the first posts the receive; both in message order."""
+        if ms.outgoing is not None:
+            ms.outgoing.wait()  # long done on the device: only releases the work
+            ms.outgoing = None
+        if not ms.passes_left:
+            return
+        if is_last_pp_stage():
+            ms.outgoing = pp_isend_to_first_stage(self.prev_sampled)
+        elif is_first_pp_stage():
+            ms.incoming = pp_irecv_from_last_stage(len(ms.states), self.device)
 
-    def _samples_for_next_pass(self, num_reqs: int, batch) -> torch.Tensor:
+    def _samples_for_next_pass(self, ms: MultiStepBatch) -> torch.Tensor:
         """The tokens the next pass's inputs become: this rank's samples, the last stage's (first
         stage of a pipeline), or — on later stages, which read hidden states, not token ids — the
         inputs themselves (advancing them then only moves positions and cache slots on)."""
         if get_pp_size() == 1:
             return self.prev_sampled
         if is_first_pp_stage():
-            return pp_recv_from_last_stage(num_reqs, self.device)
-        return self.cuda_graphs.dev["input_ids"] if batch is None else batch.input_ids
+            tokens, work = ms.incoming
+            ms.incoming = None
+            work.wait()
+            return tokens
+        return self.cuda_graphs.dev["input_ids"] if ms.batch is None else ms.batch.input_ids

@@ -18,13 +18,14 @@ w1() {  # w1 GPUS ENGINES TAG
 }
 for part in "$@"; do
   case $part in
-    tests) timeout 240 python -m pytest tests/distributed/test_gpu_parallel.py -m gpu -q -p no:cacheprovider \
-             --tb=short 2>&1 | grep -E "^E |Error|passed|failed|skipped" | tail -15 ;;
+    tests) timeout -s INT 240 python -m pytest tests/distributed/test_gpu_parallel.py -m gpu -v -p no:cacheprovider \
+             --tb=short 2>&1 | grep -E "^E |Error|PASSED|FAILED|passed|failed|skipped|Interrupt" | tail -20 ;;
     pairs) w1 0,1 braid-tp2-async,braid-pp2-inflight1 pairs-a &
            w1 2,3 braid-pp2-async,braid-pp2 pairs-b &
            wait ;;
     four) w1 0,1,2,3 braid-tp4-async,braid-pp4-async,braid-tp2-pp2-async four ;;
-    pp4ms) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-ms8 pp4ms ;;  # multi-step under PP: less host work per pass
+    pp4ms) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-ms8 pp4ms  # multi-step under PP: less host work per pass
+           tar czf "$out/trace_${shape}_pp4ms.tgz" -C /tmp "trace-$shape-pp4ms" ;;
   esac
 done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

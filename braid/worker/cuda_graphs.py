@@ -39,6 +39,9 @@ def capture_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+STAGING_SLOTS = 8
+
+
 class DecodeCudaGraphs:
     """`compute(input_ids, positions, hidden, residual)` runs this rank's part of the model:
     the whole model (returns hidden states), or a pipeline stage (hidden and residual are
@@ -61,8 +64,8 @@ class DecodeCudaGraphs:
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         n = self.max_batch_size
-        # All per-step inputs live in one byte buffer, mirrored by one pinned host buffer,
-        # so a step uploads them with a single copy. Typed views of both share one layout.
+        # All per-step inputs live in one byte buffer, staged in pinned host buffers of the
+        # same layout, so a step uploads them with a single copy.
         layout = [("input_ids", torch.int64, (n,)), ("positions", torch.int64, (n,)),
                   ("slot_mapping", torch.int64, (n,)), ("seq_lens", torch.int32, (n,)),
                   ("block_table", torch.int32, (n, self.max_blocks)),
@@ -70,18 +73,20 @@ class DecodeCudaGraphs:
                   ("pending_dst", torch.int64, (n,)), ("pending_src", torch.int64, (n,))]
         total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
         self.device_buffer = torch.zeros(total, dtype=torch.uint8, device=device)
-        self.host_buffer = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
-        self.dev: dict[str, torch.Tensor] = {}
-        self.host: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, dtype, shape in layout:
-            size = _nbytes(dtype, shape)
-            self.dev[name] = self.device_buffer[offset : offset + size].view(dtype).view(shape)
-            self.host[name] = self.host_buffer[offset : offset + size].view(dtype).view(shape).numpy()
-            offset += size
-        self.host["slot_mapping"][:] = -1
-        self.host["seq_lens"][:] = 1
-        self.device_buffer.copy_(self.host_buffer)
+        self.dev: dict[str, torch.Tensor] = _typed_views(self.device_buffer, layout)
+        # The host fills one of a ring of pinned staging buffers while the uploads from the
+        # others may still wait in the stream (interleaved multi-step queues other batches'
+        # passes ahead of a new batch's upload); it waits only for the upload STAGING_SLOTS back.
+        self._staging = [torch.zeros(total, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_SLOTS)]
+        self._staging_views = [{name: view.numpy() for name, view in _typed_views(buf, layout).items()}
+                               for buf in self._staging]
+        self._staged: list[torch.cuda.Event | None] = [None] * STAGING_SLOTS
+        for views in self._staging_views:
+            views["slot_mapping"][:] = -1
+            views["seq_lens"][:] = 1
+        self._slot = 0
+        self.host: dict[str, np.ndarray] = self._staging_views[0]
+        self.device_buffer.copy_(self._staging[0])
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)  # one token per request
         # A later pipeline stage's inputs: the previous stage's hidden states and residual.
         self.stage_inputs = None
@@ -92,8 +97,6 @@ class DecodeCudaGraphs:
         self.split_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_split_replays = 0
         self.memory_bytes = 0
-        # The last step's uploads from the staging buffers; they must land before we overwrite them.
-        self._uploaded: torch.cuda.Event | None = None
 
     def _context(self, size: int, start: int = 0, dp_padded_tokens: int | None = None) -> ForwardContext:
         """Rows [start, start + size) of the static buffers as one decode batch."""
@@ -187,9 +190,7 @@ class DecodeCudaGraphs:
         A later pipeline stage has received its inputs into stage_input_rows(B) already."""
         b = host.num_reqs
         size = self.bucket(max(b, min_size))
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
-        h = self.host
+        h = self._take_staging()
         h["input_ids"][:b] = host.input_ids
         h["positions"][:b] = host.positions
         h["slot_mapping"][:b] = host.slot_mapping
@@ -201,9 +202,7 @@ class DecodeCudaGraphs:
         h["pending_dst"][:num_pending] = host.pending_token_index
         if num_pending:
             h["pending_src"][:num_pending] = pending_src
-        self.device_buffer.copy_(self.host_buffer, non_blocking=True)  # the step's single upload
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        self._upload()  # the step's single upload
         if num_pending:
             dst = self.dev["pending_dst"][:num_pending]
             self.dev["input_ids"].index_copy_(0, dst, prev_sampled.index_select(0, self.dev["pending_src"][:num_pending]))
@@ -217,8 +216,7 @@ class DecodeCudaGraphs:
         """Replay the bucket for num_reqs rows on padding alone: a data-parallel replica with
         nothing to run still joins the other replicas' MoE collectives, at their size."""
         size = self.bucket(num_reqs)
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
+        self._take_staging()
         self._pad_rows(0, size)
         self._upload_and_replay(size, split=False)
 
@@ -228,9 +226,7 @@ class DecodeCudaGraphs:
         KV (slot -1): the DBO auto policy's start-up timing."""
         n = len(input_ids)
         size = self.bucket(n)
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
-        h = self.host
+        h = self._take_staging()
         h["input_ids"][:n] = input_ids
         h["positions"][:n] = seq_lens - 1
         h["seq_lens"][:n] = seq_lens
@@ -249,10 +245,22 @@ class DecodeCudaGraphs:
     def restore_inputs(self, saved: torch.Tensor) -> None:
         self.device_buffer.copy_(saved)
 
+    def _take_staging(self) -> dict[str, np.ndarray]:
+        """The next staging buffer's views (self.host), once its last upload has landed."""
+        self._slot = (self._slot + 1) % STAGING_SLOTS
+        uploaded = self._staged[self._slot]
+        if uploaded is not None:
+            uploaded.synchronize()
+        self.host = self._staging_views[self._slot]
+        return self.host
+
+    def _upload(self) -> None:
+        self.device_buffer.copy_(self._staging[self._slot], non_blocking=True)
+        self._staged[self._slot] = torch.cuda.Event()
+        self._staged[self._slot].record()
+
     def _upload_and_replay(self, size: int, split: bool) -> None:
-        self.device_buffer.copy_(self.host_buffer, non_blocking=True)
-        self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        self._upload()
         (self.split_graphs if split else self.graphs)[size][0].replay()
 
     def run_next(self, sampled: torch.Tensor, num_reqs: int, dead_rows: torch.Tensor | None = None):
@@ -269,6 +277,16 @@ class DecodeCudaGraphs:
         graph, out = self.graphs[size]
         graph.replay()
         return tuple(t[:num_reqs] for t in out) if isinstance(out, tuple) else out[:num_reqs]
+
+
+def _typed_views(buffer: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    """Views of a byte buffer, one per (name, dtype, shape) of the layout, in order."""
+    views, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = _nbytes(dtype, shape)
+        views[name] = buffer[offset : offset + size].view(dtype).view(shape)
+        offset += size
+    return views
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

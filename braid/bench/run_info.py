@@ -1,10 +1,13 @@
-"""Facts every benchmark result records: GPU, versions, commit, time."""
+"""Facts every benchmark result records: GPU, host, versions, commit, time."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
@@ -20,11 +23,46 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_python_ms(repeats: int = 5) -> float:
+    """Median ms of a fixed pure-Python workload (dicts, lists, small objects, as in the
+    scheduler's per-step work). The engine's host work scales with it: a W1 run on a host
+    where this is 20% slower shows every host span ~20% slower, on the same GPU."""
+    def workload() -> int:
+        table: dict[str, list[int]] = {}
+        for i in range(20_000):
+            table.setdefault(f"req-{i % 512}", []).append(i)
+        return sum(len(v) for v in sorted(table.values(), key=len))
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        workload()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def host_info() -> dict:
+    return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "python_workload_ms": round(host_python_ms(), 3)}
+
+
 def run_info() -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "git_commit": os.environ.get("BRAID_GIT_COMMIT") or git_commit(),
+        "host": host_info(),
     }
     try:
         import triton

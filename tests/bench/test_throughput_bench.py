@@ -27,6 +27,8 @@ def test_throughput_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["benchmark"] == "throughput"
     assert "git_commit" in result["run_info"] and "torch" in result["run_info"]
+    host = result["run_info"]["host"]  # host speed: W1 moves with it on the same GPU
+    assert host["cpus"] >= 1 and host["python_workload_ms"] > 0 and host["cpu"]
     cfg = result["config"]
     assert (cfg["num_prompts"], cfg["input_len"], cfg["output_len"]) == (5, 12, 7)
     assert cfg["engine_args"]["max_num_seqs"] == 4 and cfg["engine_args"]["model"] == str(model)

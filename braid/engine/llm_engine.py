@@ -66,10 +66,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """The requests this step updated (final_only: only those it finished)."""
         core_outputs = self.engine_core.step()
         self.last_stats = core_outputs.stats
-        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs)
+        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs, final_only)
         if to_abort:
             self.engine_core.abort_requests(to_abort)
         return outputs

@@ -128,8 +128,11 @@ class OutputProcessor:
             self._sample_owner.pop(core_id, None)
         return [cid for cid, s in state.samples.items() if s.finish_reason is None]
 
-    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the updated request outputs, and core ids to abort (a stop string was met)."""
+    def process_outputs(self, outputs: list[EngineCoreOutput],
+                        final_only: bool = False) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the updated request outputs (only the finished ones with final_only: a caller
+        that waits for whole results skips a snapshot of every request every step), and core
+        ids to abort (a stop string was met)."""
         now = time.time()
         updated: dict[str, RequestState] = {}
         to_abort: list[str] = []
@@ -157,12 +160,14 @@ class OutputProcessor:
             updated[owner] = state
         results = []
         for owner, state in updated.items():
-            if state.finished:
+            finished = state.finished
+            if finished:
                 state.metrics.finished_time = now
                 del self.requests[owner]
                 for core_id in state.samples:
                     self._sample_owner.pop(core_id, None)
-            results.append(state.output())
+            if finished or not final_only:
+                results.append(state.output())
         return results, to_abort
 
     def _append(self, sample: SampleState, out: EngineCoreOutput) -> bool:

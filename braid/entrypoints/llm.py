@@ -87,7 +87,7 @@ class LLM:
             bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
         try:
             while pending:
-                for output in self.llm_engine.step():
+                for output in self.llm_engine.step(final_only=True):
                     if output.finished and output.request_id in pending:
                         pending.discard(output.request_id)
                         finished[output.request_id] = output

@@ -1,0 +1,35 @@
+"""The frontend's output processor: with final_only it returns just the finished requests,
+and their outputs equal those built when every step's snapshot is returned."""
+import random
+
+from braid.engine.messages import EngineCoreOutput
+from braid.engine.output_processor import OutputProcessor
+from braid.sampling_params import SamplingParams
+from braid.transformers_utils import default_model_path, load_tokenizer
+
+
+def _run(tokenizer, final_only: bool):
+    rng = random.Random(3)
+    processor = OutputProcessor(tokenizer)
+    params = [SamplingParams(temperature=0, max_tokens=6), SamplingParams(temperature=0, max_tokens=9, stop=["e"])]
+    for i in range(4):
+        processor.add_request(str(i), None, tokenizer.encode("Once upon a time"), [params[i % 2]])
+    returned, aborted = [], []
+    for step in range(9):
+        outputs = [EngineCoreOutput(str(i), [rng.randrange(len(tokenizer))],
+                                    finish_reason="length" if step == (5 if i % 2 == 0 else 8) else None)
+                   for i in range(4) if processor.owns(str(i))]
+        results, to_abort = processor.process_outputs(outputs, final_only=final_only)
+        returned.append([(r.request_id, r.finished, r.outputs[0].text, r.outputs[0].token_ids) for r in results])
+        aborted += to_abort
+    return returned, aborted
+
+
+def test_final_only_returns_just_the_finished_outputs_unchanged():
+    tokenizer = load_tokenizer(default_model_path())
+    every, aborted_every = _run(tokenizer, final_only=False)
+    final, aborted_final = _run(tokenizer, final_only=True)
+    assert aborted_final == aborted_every
+    assert final == [[r for r in step if r[1]] for step in every]
+    assert sum(len(step) for step in final) == 4  # each request once, when it finishes
+    assert sum(len(step) for step in every) > 4

@@ -36,6 +36,9 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # Leading blocks of each request already offered to the prefix cache: a decode step
+        # offers only its newly full block, not the whole table again.
+        self.num_cached_blocks: dict[str, int] = {}
         self.stats = PrefixCacheStats()
 
     @property
@@ -113,11 +116,15 @@ class KVCacheManager:
             return
         self.update_block_hashes(request)
         num_full = min(num_tokens // self.block_size, len(request.block_hashes))
-        for block, block_hash in zip(blocks[:num_full], request.block_hashes[:num_full]):
+        done = self.num_cached_blocks.get(request.request_id, 0)
+        for block, block_hash in zip(blocks[done:num_full], request.block_hashes[done:num_full]):
             self.pool.cache_block(block, block_hash)
+        if num_full > done:
+            self.num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 
     def block_ids(self, request_id: str) -> list[int]:

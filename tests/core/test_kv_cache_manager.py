@@ -108,3 +108,22 @@ def test_block_pool_rejects_double_free():
     pool.free([b])
     with pytest.raises(AssertionError):
         pool.free([b])
+
+
+def test_blocks_filled_by_decode_steps_are_cached_one_by_one():
+    """Each decode step offers only its newly full block; every block still ends up cached,
+    and a request that comes back after being freed starts the count again."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(6)))
+    kv.allocate_slots(a, 6)
+    a.num_computed_tokens = 6
+    for token in range(100, 111):  # 11 decode steps: 17 tokens, 4 full blocks
+        a.append_output_token(token)
+        kv.allocate_slots(a, 1)
+        a.num_computed_tokens += 1
+        assert kv.num_cached_blocks["a"] == a.num_computed_tokens // 4
+    kv.free(a)
+    assert "a" not in kv.num_cached_blocks
+    b = make_request("b", list(range(6)) + list(range(100, 111)))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 16 and len(hits) == 4  # all four full blocks, the decoded ones included

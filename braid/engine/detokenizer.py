@@ -3,8 +3,9 @@
 Decoding token by token breaks multi-byte characters and word-initial spaces,
 so each step decodes a short window and emits only the text that the newest
 tokens added (the prefix/read offset method of TGI and vLLM). With a fast
-tokenizer the same method runs in Rust (`tokenizers`' DecodeStream, ~8x less
-host time per token); the Python path stays for the other tokenizers.
+tokenizer the same method runs in Rust (`tokenizers`' DecodeStream: a fraction
+of the host time, benchmarks/frontend_step.py); the Python path stays for the
+other tokenizers.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@
 #       with DP=2 x EP (the two shapes side by side on GPUs 0,1 and 2,3) and DP=4 x EP, traced.
 #  w1dp2 (2 GPUs): DP=2 x EP W1-style with async and multi-step scheduling.
 #  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
+#  dboauto: auto vs off/on at decode 64/128/256 and prefill 4096, interleaved: DP=4 x EP over NVLink, then
+#       DP=2 x EP over NVLink (GPUs 0,1) and with peer-to-peer off (GPUs 2,3) side by side; logs (with auto's
+#       start-up table) under $OUT.
 #  dbo: DBO GPU tests; DBO off/on/auto step times, DeepSeek-V2-Lite shape, DP=2 x EP over
 #       NVLink (GPUs 0,1) and with NCCL peer-to-peer off (GPUs 2,3), side by side; a traced run.
 source benchmarks/gpu_setup.sh
@@ -58,5 +61,16 @@ dbo4)
     2>&1 | grep -E "ms/step|ERROR|overlap"
   timeout 240 python benchmarks/dbo_step.py --shape llama3-70b --dp 1 --tp 4 --ep 0 --modes off,on --decode "" \
     --prefill 4096 --out "$out/dbo_step_llama3_70b_tp4.json" 2>&1 | grep -E "ms/step|ERROR"
+  ;;
+dboauto)
+  export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table
+  timeout 290 python benchmarks/dbo_step.py --dp 4 --interleave --out "$out/dbo_step_dsv2lite_dp4_auto_nvlink.json" \
+    > "$out/dbo_dp4_nvlink.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 timeout 270 python benchmarks/dbo_step.py --dp 2 --interleave \
+    --out "$out/dbo_step_dsv2lite_dp2_auto_nvlink.json" > "$out/dbo_dp2_nvlink.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=2,3 NCCL_P2P_DISABLE=1 timeout 270 python benchmarks/dbo_step.py --dp 2 --interleave \
+    --out "$out/dbo_step_dsv2lite_dp2_auto_nop2p.json" > "$out/dbo_dp2_nop2p.log" 2>&1 &
+  wait
+  for f in "$out"/dbo_dp*.log; do echo "== $f"; grep -E "ms/step|DBO auto policy|rror" "$f" | grep -v Warning | tail -20; done
   ;;
 esac

@@ -14,7 +14,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -4
 w1() {  # w1 GPUS ENGINES TAG
   CUDA_VISIBLE_DEVICES=$1 timeout ${W1_TIMEOUT:-540} python benchmarks/w1_throughput.py --shape "$shape" \
-    --engines "$2" --trace-dir "/tmp/trace-$shape-$3" --out "$out/w1_${shape}_$3.json" > "$out/w1_${shape}_$3.log" 2>&1
+    --engines "$2" --repeats ${W1_REPEATS:-1} --trace-dir "/tmp/trace-$shape-$3" --out "$out/w1_${shape}_$3.json" > "$out/w1_${shape}_$3.log" 2>&1
 }
 for part in "$@"; do
   case $part in

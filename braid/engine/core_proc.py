@@ -19,6 +19,7 @@ import zmq
 
 from braid.engine import serialization as ser
 from braid.engine.messages import EngineCoreOutput, EngineCoreOutputs
+from braid.observe.process_logging import configure_process_logging
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    logging.basicConfig(level=os.environ.get("BRAID_LOG_LEVEL", "WARNING"),
-                        format="%(levelname)s braid-core: %(message)s")
+    configure_process_logging("braid-core")
     proc = None
     try:
         from braid.engine.core import make_engine_core

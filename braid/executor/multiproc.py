@@ -29,6 +29,7 @@ from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
 from braid.executor.worker_setup import (
     WorkerError, destroy_process_group, launched_passes, report_passes, start_worker)
+from braid.observe.process_logging import configure_process_logging
 
 __all__ = ["MultiprocExecutor", "WorkerError"]
 
@@ -212,6 +213,7 @@ class PendingReply:
 
 
 def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_path: str, spin_s: float) -> None:
+    configure_process_logging(f"braid-worker-{rank}")
     enc, decoders, _ = _codec()
 
     def deliver(out) -> None:

@@ -11,17 +11,18 @@ import torch
 from braid.distributed.parallel_state import get_dp_group, get_layout
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.metadata import build_attention_metadata
-from braid.worker.ubatch_split import agree_on_split, should_try_split, split_ubatches
+from braid.worker.ubatch_split import should_try_split, split_ubatches
 from braid.worker.ubatching import UBatchGroup
 
 logger = logging.getLogger(__name__)
 
 
 class DboStepsMixin:
-    def _dbo_split(self, host, num_tokens: list[int]):
-        """The two micro-batches of this step, or None: the policy's wish (threshold: at least
-        the threshold's tokens; auto: that, and the start-up table says splitting pays), then
-        every data-parallel rank's vote (none splits unless all do)."""
+    def _dbo_wish(self, host, num_tokens: list[int]):
+        """This rank's two micro-batches for the step, or None: the policy's wish (threshold:
+        at least the threshold's tokens; auto: that, and the start-up table says splitting
+        pays). The data-parallel ranks then vote (ModelRunner._agree_step): none splits
+        unless all do."""
         overlap = self.config.overlap
         if not overlap.enable_dbo:
             return None
@@ -30,12 +31,7 @@ class DboStepsMixin:
                                  overlap.dbo_prefill_token_threshold)
         if wants and self.dbo_table is not None:  # auto: only where splitting was measured to pay
             wants = self.dbo_table.pays(host.num_tokens, decode_only)
-        split = split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
-        agreed, most_tokens = agree_on_split(split is not None, host.num_tokens, self._dp_vote_group, self.device)
-        # Each micro-batch holds at most half (rounded up) of its rank's tokens, so at most
-        # half of the largest rank's: the count every replica's MoE layers pad to.
-        self._dbo_dp_tokens = (most_tokens + 1) // 2 if self._dp_pads_moe else None
-        return split if agreed else None
+        return split_ubatches(num_tokens, host.seq_lens.tolist()) if wants else None
 
     @property
     def _dp_vote_group(self):

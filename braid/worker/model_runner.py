@@ -11,7 +11,7 @@ from braid.config import EngineConfig
 from braid.distributed.comm import (
     pp_recv, pp_recv_into, pp_send)
 from braid.distributed.parallel_state import (
-    get_dp_group, get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage)
+    get_layout, get_pp_size, is_first_pp_stage, is_last_pp_stage)
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from braid.forward_context import ForwardContext, set_forward_context
 from braid.layers.attention.backend import get_attention_backend, kv_cache_shape
@@ -26,7 +26,7 @@ from braid.worker.multi_step_passes import MultiStepBatch, MultiStepMixin
 from braid.worker.request_state import CachedRequestState
 from braid.worker.dbo_steps import DboStepsMixin
 from braid.worker.kernel_warmup import warm_up_batches
-from braid.worker.ubatch_split import agree_on_split
+from braid.worker.ubatch_split import agree_on_step
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +257,8 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
             pending_src = self._pending_sources(host, req_ids)
             logits_indices = host.last_token_indices[rows]
         batch = None
-        dbo_split = self._dbo_split(host, num_tokens)
         use_graph = self.cuda_graphs is not None and self.cuda_graphs.can_run(host)
-        use_graph, self._dp_tokens = self._agree_step_shape(host.num_tokens, use_graph)
+        use_graph, dbo_split = self._agree_step(host.num_tokens, use_graph, self._dbo_wish(host, num_tokens))
         # A split decode step replays its two-micro-batch graph where the (agreed) bucket has
         # one, else runs eagerly; every DP rank decides alike from the same agreed values.
         split_graph = use_graph and dbo_split is not None and self.cuda_graphs.can_split(host.num_reqs,
@@ -304,19 +303,23 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
         return self.tracer if self.tracer.enabled and self.device.type == "cuda" else None
 
     # ---- data parallelism: one step shape on every replica ---------------------------
-    def _agree_step_shape(self, num_tokens: int, local_graph: bool) -> tuple[bool, int | None]:
-        """Under expert parallelism by all-gather over DP replicas: one all-reduce of (tokens,
-        graph wish) over the DP group; every replica then pads its MoE inputs to the largest
-        count and replays a CUDA graph only if all can (the same bucket everywhere).
-        Returns (use_graph, tokens to pad to or None)."""
-        if not self._dp_pads_moe:
-            return local_graph, None
-        import torch.distributed as dist
-
-        shape = torch.tensor([num_tokens, 0 if local_graph else 1], dtype=torch.int64, device=self.device)
-        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=get_dp_group())
-        most_tokens, no_graph = shape.tolist()
-        return no_graph == 0, most_tokens
+    def _agree_step(self, num_tokens: int, local_graph: bool, split) -> tuple[bool, object]:
+        """The data-parallel replicas' agreement on this step, in one all-reduce (one host
+        sync) where they need one: under expert parallelism by all-gather every replica pads
+        its MoE inputs to the largest token count and replays a CUDA graph only if all can
+        (the same bucket everywhere); with dual-batch overlap none splits unless all vote to.
+        Sets the padded counts; returns (use_graph, the split or None)."""
+        self._dp_tokens = self._dbo_dp_tokens = None
+        pads = self._dp_pads_moe
+        if not (pads or self.config.overlap.enable_dbo):
+            return local_graph, split
+        agreed = agree_on_step(split is not None, num_tokens, local_graph, self._dp_vote_group, self.device)
+        if pads:
+            # Each micro-batch holds at most half (rounded up) of its rank's tokens, so at most
+            # half of the largest rank's: the count every replica's MoE layers pad to.
+            self._dp_tokens, self._dbo_dp_tokens = agreed.most_tokens, (agreed.most_tokens + 1) // 2
+            local_graph = agreed.graph
+        return local_graph, (split if agreed.split else None)
 
     def _dummy_forward(self, num_passes: int = 1) -> None:
         """One token through the model that writes no KV (slot -1) and samples nothing: a
@@ -324,9 +327,7 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
         (and in the dual-batch-overlap vote, where it votes no). Under expert parallelism
         by all-gather it pads to the others' count, and replays their CUDA graph. With
         multi-step the others run num_passes passes after one agreement: so does this one."""
-        if self.config.overlap.enable_dbo:
-            agree_on_split(False, 1, self._dp_vote_group, self.device)
-        use_graph, self._dp_tokens = self._agree_step_shape(1, self.cuda_graphs is not None)
+        use_graph, _ = self._agree_step(1, self.cuda_graphs is not None, None)
         if use_graph:
             for _ in range(num_passes):
                 with self.tracer.cpu_span("dummy_batch", cuda_graph=True):

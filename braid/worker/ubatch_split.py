@@ -6,7 +6,8 @@ batch order. A request that straddles the cut runs in both: its first part in
 micro-batch 0, the rest in micro-batch 1 as a chunked-prefill continuation that
 attends to what the first part wrote. No split when either half would hold no real
 token. Every data-parallel rank must take the same decision (their MoE collectives
-pair up), so `agree_on_split` turns the local votes into one by a single all-reduce.
+pair up), so `agree_on_step` turns the local votes into one, in the same single all-reduce
+that agrees on the step's padded size and CUDA-graph use (one host sync per step, DBO or not).
 """
 from __future__ import annotations
 
@@ -66,16 +67,27 @@ def split_ubatches(query_lens: Sequence[int], seq_lens: Sequence[int],
     return None  # unreachable: cut < total
 
 
-def agree_on_split(wants_split: bool, num_tokens: int, group=None, device=None) -> tuple[bool, int]:
-    """Every data-parallel rank's vote in one all-reduce: split only if all want to, and pad
-    to the largest rank's token count. Without a group (one rank) the vote stands. `device`:
-    where the group's backend reduces (the GPU for NCCL, None for gloo)."""
+@dataclass(frozen=True)
+class StepAgreement:
+    split: bool        # every rank voted to split
+    most_tokens: int   # the largest rank's token count (what MoE inputs pad to)
+    graph: bool        # every rank can replay a CUDA graph
+
+
+def agree_on_step(wants_split: bool, num_tokens: int, can_graph: bool = True, group=None,
+                  device=None) -> StepAgreement:
+    """Every data-parallel rank's split vote, token count and CUDA-graph wish in one
+    all-reduce: split only if all want to, replay graphs only if all can, pad to the largest
+    count. Without a group (one rank) the local values stand. `device`: where the group's
+    backend reduces (the GPU for NCCL, None for gloo)."""
     if group is None:
-        return wants_split, num_tokens
+        return StepAgreement(wants_split, num_tokens, can_graph)
     import torch
     import torch.distributed as dist
 
-    # MAX of (1 - vote) is 0 only if every rank voted yes; MAX of the token counts.
-    votes = torch.tensor([0 if wants_split else 1, num_tokens], dtype=torch.int64, device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return bool(votes[0] == 0), int(votes[1])
+    # MAX of (1 - vote) is 0 only if every rank said yes; MAX of the token counts.
+    values = torch.tensor([0 if wants_split else 1, num_tokens, 0 if can_graph else 1], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    no_split, most_tokens, no_graph = values.tolist()
+    return StepAgreement(no_split == 0, most_tokens, no_graph == 0)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from braid.worker.ubatch_split import agree_on_split, should_try_split, split_ubatches
+from braid.worker.ubatch_split import StepAgreement, agree_on_step, should_try_split, split_ubatches
 
 
 def test_cut_between_requests_and_straddling():
@@ -66,26 +66,30 @@ def test_split_properties(requests, extra_padding):
         assert first.seq_lens[-1] == seq_lens[i] - second.query_lens[0]
 
 
-def _vote_worker(rank, world_size, init_file, votes, tokens, out_dir):
+def _vote_worker(rank, world_size, init_file, votes, tokens, graphs, out_dir):
     import torch.distributed as dist
 
     from tests.distributed.test_tensor_parallel import _init_dist
 
     _init_dist(rank, world_size, init_file)
     try:
-        split, padded = agree_on_split(votes[rank], tokens[rank], group=dist.group.WORLD)
+        agreed = agree_on_step(votes[rank], tokens[rank], graphs[rank], group=dist.group.WORLD)
         with open(os.path.join(out_dir, f"vote{rank}"), "w") as f:
-            f.write(f"{int(split)} {padded}")
+            f.write(f"{int(agreed.split)} {agreed.most_tokens} {int(agreed.graph)}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("votes,want", [([True, True], 1), ([True, False], 0)], ids=["agree", "disagree"])
-def test_dp_ranks_split_only_together(tmp_path, votes, want):
+@pytest.mark.parametrize("votes,graphs,want", [([True, True], [True, True], "1 70 1"),
+                                               ([True, False], [True, True], "0 70 1"),
+                                               ([False, False], [False, True], "0 70 0")],
+                         ids=["agree", "disagree", "one-rank-without-graph"])
+def test_dp_ranks_split_and_replay_graphs_only_together(tmp_path, votes, graphs, want):
+    """One all-reduce carries the split vote, the padded size and the CUDA-graph wish."""
     from tests.distributed.test_tensor_parallel import _spawn
 
-    _spawn(_vote_worker, 2, str(tmp_path / "init"), votes, [40, 70], str(tmp_path))
+    _spawn(_vote_worker, 2, str(tmp_path / "init"), votes, [40, 70], graphs, str(tmp_path))
     for rank in range(2):
-        assert (tmp_path / f"vote{rank}").read_text() == f"{want} 70"
-    assert agree_on_split(True, 9) == (True, 9)
+        assert (tmp_path / f"vote{rank}").read_text() == want
+    assert agree_on_step(True, 9, False) == StepAgreement(True, 9, False)

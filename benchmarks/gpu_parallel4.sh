@@ -4,7 +4,8 @@
 # traced for per-rank GPU busy. Two 2-GPU runs share the host at a time (GPUs 0,1 and 2,3).
 # Usage: benchmarks/gpu_parallel4.sh SHAPE PART...   SHAPE: llama3-8b | llama3-70b;
 #        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs) | pp4ms (PP=4 async with and without
-#        multi-step 8). Each part fits a 10-minute call.
+#        multi-step 8). Each part fits a 10-minute call. TESTS_K: a pytest -k filter for the tests part;
+#        W1_REPEATS: W1 runs per engine.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 shape=$1
@@ -19,6 +20,7 @@ w1() {  # w1 GPUS ENGINES TAG
 for part in "$@"; do
   case $part in
     tests) timeout -s INT 240 python -m pytest tests/distributed/test_gpu_parallel.py -m gpu -v -p no:cacheprovider \
+             ${TESTS_K:+-k "$TESTS_K"} \
              --tb=short 2>&1 | grep -E "^E |Error|PASSED|FAILED|passed|failed|skipped|Interrupt" | tail -20 ;;
     pairs) w1 0,1 braid-tp2-async,braid-pp2-inflight1 pairs-a &
            w1 2,3 braid-pp2-async,braid-pp2 pairs-b &

@@ -98,10 +98,7 @@ class Scheduler:
 
     @property
     def max_running(self) -> int:
-        """--max-num-seqs caps one batch; with micro-batches in the pipeline each holds up to
-        that many (as vLLM's per-iteration meaning of the flag), so the stages are not left
-        reading their weights for half-size batches."""
-        return self.config.max_num_seqs * self.config.num_micro_batches
+        return self.config.max_running_seqs
 
     # ---- scheduling ------------------------------------------------------------
     def _token_share(self, request: Request, budget: int) -> int:

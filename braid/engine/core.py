@@ -11,7 +11,10 @@ Multi-step under pipeline parallelism launches a batch's further passes one at a
 time, interleaved with the other micro-batches' (each batch keeps up to
 PASSES_AHEAD passes launched): a pass waits on the GPU for its batch's previous
 pass to come round the pipeline, while the passes queued in between keep every
-stage busy — and no host round trip sits between a batch's passes.
+stage busy — and no host round trip sits between a batch's passes. A stage runs
+its queue in order, so a waiting pass holds up everything queued behind it: a
+batch launches a pass ahead of its last one's report only once every other share
+has launched one since (round-robin), never two back to back.
 """
 from __future__ import annotations
 
@@ -40,6 +43,17 @@ class LaunchedBatch:
     scheduler_output: object
     pending: deque = field(default_factory=deque)  # launched passes' outputs, not yet reported
     to_launch: int = 0                             # interleaved multi-step: passes not yet launched
+    last_launch: int = 0                           # the engine's launch count at its latest pass
+
+
+def next_further_pass(in_flight, num_launches: int, shares: int) -> "LaunchedBatch | None":
+    """Interleaved multi-step: the batch to launch a further pass of now, or None. Round-robin:
+    the batch that launched least recently first. A batch with a pass still unreported launches
+    another only if every other share has launched since (so the stages' queues interleave the
+    shares) and it has fewer than PASSES_AHEAD out; otherwise it waits for that pass's report."""
+    ready = [b for b in in_flight if b.to_launch and len(b.pending) < PASSES_AHEAD
+             and (not b.pending or num_launches - b.last_launch >= shares)]
+    return min(ready, key=lambda b: b.last_launch, default=None)
 
 _import_heap_frozen = False
 
@@ -100,6 +114,7 @@ class EngineCore:
         self.in_flight: deque[LaunchedBatch] = deque()
         self.report_order: deque[LaunchedBatch] = deque()
         self._next_batch_id = 0
+        self._num_launches = 0
 
     @property
     def num_blocks(self) -> int:
@@ -152,7 +167,8 @@ class EngineCore:
     def _launch(self, scheduler_output) -> None:
         scheduler_output.batch_id = self._next_batch_id
         self._next_batch_id += 1
-        batch = LaunchedBatch(scheduler_output)
+        batch = LaunchedBatch(scheduler_output, last_launch=self._num_launches)
+        self._num_launches += 1
         batch.pending.extend(self.executor.execute_model_async(scheduler_output))
         # Interleaved multi-step: only the first pass is launched now.
         batch.to_launch = scheduler_output.num_steps - len(batch.pending)
@@ -160,14 +176,15 @@ class EngineCore:
         self.report_order.extend([batch] * len(batch.pending))
 
     def _launch_further_passes(self) -> None:
-        """Interleaved multi-step: top every batch up to PASSES_AHEAD launched passes, oldest
-        batch first, so each stage's queue holds the other batches' passes between two of one."""
-        for batch in self.in_flight:
-            while batch.to_launch and len(batch.pending) < PASSES_AHEAD:
-                (pending,) = self.executor.continue_model_async(batch.scheduler_output.batch_id)
-                batch.pending.append(pending)
-                batch.to_launch -= 1
-                self.report_order.append(batch)
+        """Interleaved multi-step: launch further passes while `next_further_pass` names one."""
+        shares = self.config.scheduler.num_micro_batches
+        while (batch := next_further_pass(self.in_flight, self._num_launches, shares)) is not None:
+            (pending,) = self.executor.continue_model_async(batch.scheduler_output.batch_id)
+            batch.pending.append(pending)
+            batch.to_launch -= 1
+            batch.last_launch = self._num_launches
+            self._num_launches += 1
+            self.report_order.append(batch)
 
     def _report_next_pass(self) -> EngineCoreOutputs:
         batch = self.report_order.popleft()

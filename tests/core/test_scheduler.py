@@ -205,6 +205,24 @@ def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
     assert len(one.schedule().num_scheduled_tokens) == 2 and len(one.running) == 2
 
 
+def test_async_pipeline_splits_the_running_requests_one_share_per_batch_slot():
+    # PP=2 with async scheduling: three batch slots, so the running requests split three
+    # ways (a share's next step can wait for its tokens while the other two fill both
+    # stages), while at most 2 x max_num_seqs run: the async slot adds no KV demand.
+    s = make_scheduler(pipeline_parallel_size=2, max_num_seqs=3, async_scheduling=True)
+    assert s.config.num_micro_batches == 3 and s.max_running == 6
+    reqs = {f"r{i}": make_request(f"r{i}", [1, 2, 3], max_tokens=8) for i in range(8)}
+    for r in reqs.values():
+        s.add_request(r)
+    prefills = [s.schedule() for _ in range(3)]
+    assert [len(b.num_scheduled_tokens) for b in prefills] == [3, 3, 0]  # the cap; 6 running
+    assert len(s.running) == 6 and len(s.waiting) == 2
+    for out in prefills[:2]:
+        s.update_from_output(out, fake_run(out, reqs))
+    shares = [set(s.schedule().num_scheduled_tokens) for _ in range(3)]
+    assert [len(b) for b in shares] == [2, 2, 2]  # decode: three disjoint shares of ceil(6 / 3)
+    assert len(set().union(*shares)) == 6
+
 def report_passes(s, out, requests, token=7):
     """Report each pass of a scheduled batch: a multi-step batch samples one token per request per pass."""
     if out.num_steps == 1:

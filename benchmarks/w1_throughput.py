@@ -80,14 +80,14 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
 
 def braid_variant(engine: str) -> dict | None:
     """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', 'braid-tp2-async', 'braid-pp2',
-    'braid-pp2-inflight1' (one batch in the pipeline at a time), 'braid-pp2-eager', ...
-    -> engine options (None: not braid)."""
+    'braid-pp2-inflight1' (one batch in the pipeline at a time), 'braid-pp2-eager',
+    'braid-pp4-async-layers9_8_8_7' (--pp-layer-partition 9,8,8,7), ... -> engine options (None: not braid)."""
     parts = engine.split("-")
     if parts[0] != "braid":
         return None
     options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1,
                    max_concurrent_batches=None, enforce_eager=False, data_parallel_size=1,
-                   enable_expert_parallel=False, enable_dbo=False)
+                   enable_expert_parallel=False, enable_dbo=False, pp_layer_partition=None)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
@@ -107,6 +107,8 @@ def braid_variant(engine: str) -> dict | None:
             options["enable_expert_parallel"] = True
         elif part == "dbo":
             options["enable_dbo"] = True
+        elif part.startswith("layers"):  # layers per pipeline stage, '_'-separated
+            options["pp_layer_partition"] = part[6:].replace("_", ",")
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
@@ -116,7 +118,8 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
               trace_dir: str | None = None, async_scheduling: bool = False, num_scheduler_steps: int = 1,
               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
               max_concurrent_batches: int | None = None, data_parallel_size: int = 1,
-              enable_expert_parallel: bool = False, enable_dbo: bool = False) -> dict:
+              enable_expert_parallel: bool = False, enable_dbo: bool = False,
+              pp_layer_partition: str | None = None) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
@@ -124,7 +127,8 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
               trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
               tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
               max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
-              enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo)
+              enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo,
+              pp_layer_partition=pp_layer_partition)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], params, use_tqdm=False)  # compile kernels
     torch.cuda.synchronize()
@@ -149,7 +153,8 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
                 async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                 max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
-                enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo, wasted_tokens=llm_stats_wasted, max_num_seqs=max_num_seqs, trace_summary=busy)
+                enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo, pp_layer_partition=pp_layer_partition, wasted_tokens=llm_stats_wasted,
+                max_num_seqs=max_num_seqs, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:

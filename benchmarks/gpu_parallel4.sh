@@ -4,7 +4,7 @@
 # traced for per-rank GPU busy. Two 2-GPU runs share the host at a time (GPUs 0,1 and 2,3).
 # Usage: benchmarks/gpu_parallel4.sh SHAPE PART...   SHAPE: llama3-8b | llama3-70b;
 #        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs) | pp4ms (PP=4 async with and without
-#        multi-step 8) | pp4layers (PP=4 async ms8, even layers vs 9,8,8,7). Each part fits a 10-minute call. TESTS_K: a pytest -k filter for the tests part;
+#        multi-step 8) | pp4layers (PP=4 async ms8: 4 vs 5 shares, even layers vs 9,8,8,7). Each part fits a 10-minute call. TESTS_K: a pytest -k filter for the tests part;
 #        W1_REPEATS: W1 runs per engine.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -28,9 +28,10 @@ for part in "$@"; do
     four) w1 0,1,2,3 braid-tp4-async,braid-pp4-async,braid-tp2-pp2-async four ;;
     pp4ms) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-ms8 pp4ms  # multi-step under PP: less host work per pass
            tar czf "$out/trace_${shape}_pp4ms.tgz" -C /tmp "trace-$shape-pp4ms" ;;
-    # The last stage also runs the LM head and sampling (~1.5 layers of time for the 8B shape):
-    # one layer fewer there, one more on the first stage.
-    pp4layers) w1 0,1,2,3 braid-pp4-async-ms8,braid-pp4-async-ms8-layers9_8_8_7 pp4layers ;;
+    # Shares: 4 (default) vs 5 (--max-concurrent-batches 5); then the last stage, which also runs the
+    # LM head and sampling (~1.5 layers of time for the 8B shape), one layer lighter.
+    pp4layers) w1 0,1,2,3 braid-pp4-async-ms8,braid-pp4-async-ms8-inflight5,braid-pp4-async-ms8-inflight5-layers9_8_8_7 \
+                 pp4layers ;;
   esac
 done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

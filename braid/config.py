@@ -150,18 +150,22 @@ class SchedulerConfig:
     @property
     def num_micro_batches(self) -> int:
         """How many ways the running requests are split under pipeline parallelism: one share
-        per batch slot in flight, so with async scheduling (PP + 1 slots) one share more than
-        there are stages. A share's next step waits for its tokens to come back round the
-        pipeline (and, without multi-step, through the host); with only PP shares every stage
-        would idle for that trip once per round."""
-        return max(1, self.batches_in_flight) if self.pipeline_parallel_size > 1 else 1
+        per stage by default (async scheduling's extra slot gets none: more shares mean smaller
+        batches, and a weight-bound stage reads its weights once per batch), or one per batch
+        slot when --max-concurrent-batches asks for more slots than stages: a share's next
+        pass waits for its tokens to come back round the pipeline, and the extra shares keep
+        the stages busy meanwhile (worth it where passes are short, e.g. an 8B model)."""
+        if self.pipeline_parallel_size == 1:
+            return 1
+        if self.max_concurrent_batches is not None:
+            return self.max_concurrent_batches
+        return min(self.pipeline_parallel_size, self.batches_in_flight)
 
     @property
     def max_running_seqs(self) -> int:
         """--max-num-seqs caps one batch; with micro-batches in the pipeline up to that many
         per stage run (vLLM's per-iteration meaning of the flag), so the stages are not left
-        reading their weights for half-size batches. The extra async share adds none: the KV
-        a configuration was sized for does not change with async scheduling."""
+        reading their weights for half-size batches. Slots beyond one per stage add none."""
         return self.max_num_seqs * max(1, min(self.pipeline_parallel_size, self.batches_in_flight))
 
 

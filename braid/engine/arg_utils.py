@@ -126,7 +126,8 @@ class EngineArgs:
                             help="layers per pipeline stage, comma separated, e.g. 15,17 (default: even)")
         parser.add_argument("--max-concurrent-batches", type=int, default=None,
                             help="batches launched and not yet reported (default: --pipeline-parallel-size, "
-                                 "+1 with --async-scheduling)")
+                                 "+1 with --async-scheduling); above the stage count, also how many ways the "
+                                 "running requests split")
         parser.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
                             help="uni: one device in process; mp: one worker process per rank; ray: one Ray "
                                  "actor per rank, on the Ray cluster at RAY_ADDRESS or a local one "

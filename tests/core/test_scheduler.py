@@ -205,11 +205,12 @@ def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
     assert len(one.schedule().num_scheduled_tokens) == 2 and len(one.running) == 2
 
 
-def test_async_pipeline_splits_the_running_requests_one_share_per_batch_slot():
-    # PP=2 with async scheduling: three batch slots, so the running requests split three
-    # ways (a share's next step can wait for its tokens while the other two fill both
-    # stages), while at most 2 x max_num_seqs run: the async slot adds no KV demand.
-    s = make_scheduler(pipeline_parallel_size=2, max_num_seqs=3, async_scheduling=True)
+def test_pipeline_with_more_batch_slots_than_stages_splits_one_share_per_slot():
+    # PP=2 with --max-concurrent-batches 3: the running requests split three ways (a share's
+    # next step can wait for its tokens while the other two fill both stages), while at most
+    # 2 x max_num_seqs run as with two slots. By default (async: 3 slots) two shares.
+    assert make_scheduler(pipeline_parallel_size=2, async_scheduling=True).config.num_micro_batches == 2
+    s = make_scheduler(pipeline_parallel_size=2, max_num_seqs=3, max_concurrent_batches=3)
     assert s.config.num_micro_batches == 3 and s.max_running == 6
     reqs = {f"r{i}": make_request(f"r{i}", [1, 2, 3], max_tokens=8) for i in range(8)}
     for r in reqs.values():

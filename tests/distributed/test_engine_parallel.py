@@ -140,7 +140,8 @@ def test_tp2_x_pp2_equals_single_device(tmp_path):
     dict(pipeline_parallel_size=2, num_scheduler_steps=4, async_scheduling=True),
     dict(pipeline_parallel_size=4, num_scheduler_steps=3),
     dict(tensor_parallel_size=2, pipeline_parallel_size=2, num_scheduler_steps=4, async_scheduling=True),
-], ids=["pp2-ms4", "pp2-ms4-async", "pp4-ms3", "tp2-pp2-ms4-async"])
+    dict(pipeline_parallel_size=2, num_scheduler_steps=4, async_scheduling=True, max_concurrent_batches=3),
+], ids=["pp2-ms4", "pp2-ms4-async", "pp4-ms3", "tp2-pp2-ms4-async", "pp2-ms4-async-3-shares"])
 def test_multi_step_through_the_pipeline_equals_single_device(tmp_path, parallel):
     """Each pass of a multi-step decode batch feeds the last stage's samples back to the first
     stage (middle stages only advance positions and cache slots)."""

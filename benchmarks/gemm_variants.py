@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from braid.bench.floors import graph_median_ms, measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.floors import graph_median_ms, measure_copy_bandwidth, measure_matmul_rate, weight_copies
 from braid.bench.run_info import run_info, write_result
 
 MATRICES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -41,8 +41,8 @@ def main() -> None:
     for name in a.matrices.split(","):
         k, n = MATRICES[name]
         nbytes = n * k * 2
-        copies = max(2, -(-2**30 // nbytes))
-        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        ws = weight_copies(n, k)
+        copies = len(ws)
         wts = [w.t().contiguous() for w in ws]  # K x N: cuBLAS's other operand layout
         for m in [int(v) for v in a.ms.split(",")]:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")

@@ -16,7 +16,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from braid.bench.floors import graph_median_ms, measure_copy_bandwidth, measure_matmul_rate
+from braid.bench.floors import graph_median_ms, measure_copy_bandwidth, measure_matmul_rate, weight_copies
 from braid.bench.run_info import run_info, write_result
 from braid.layers.triton_ops.skinny_gemm import SkinnyConfig, skinny_gemm
 
@@ -60,8 +60,8 @@ def main() -> None:
     for name in a.matrices.split(","):
         k, n = LLAMA_MATRICES[name]
         nbytes = n * k * 2
-        copies = max(2, -(-2**30 // nbytes))
-        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+        ws = weight_copies(n, k)
+        copies = len(ws)
         for m in [int(v) for v in a.ms.split(",")]:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             floor = max(nbytes / bw, 2 * m * n * k / flops) * 1e3

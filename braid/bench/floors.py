@@ -42,6 +42,13 @@ def graph_median_ms(fn, calls: int = 1, replays: int = 10) -> float:
     return times[len(times) // 2] / calls
 
 
+def weight_copies(n: int, k: int, total_bytes: int = 2**30) -> list[torch.Tensor]:
+    """Distinct bf16 [n, k] weights filling ~total_bytes (at least two), so a GEMM timed over
+    them in turn reads its weights from HBM, not from the 50 MB L2."""
+    copies = max(2, -(-total_bytes // (n * k * 2)))
+    return [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies)]
+
+
 def measure_copy_bandwidth(nbytes: int = 4 * 2**30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")

@@ -2,8 +2,10 @@
 x expert parallelism, decode at 64/128/256 tokens per rank and prefill at 4096 tokens per
 rank, DBO off, on (threshold policy) and auto.
 
-Decode step = (time to generate 1 + S tokens - time to generate 1) / S, every rank holding
-B requests; prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
+Decode step = the median of S engine steps timed one by one once every request is decoding,
+pooled over the repeats (every rank holding B requests); with --subtract, as before: (time to
+generate 1 + S tokens - time to generate 1) / S, whose two medians of whole runs carried ~1.5 ms
+of noise per step. Prefill step = one step of 8 x 512 prompt tokens per rank (max_tokens 1).
 Every shape runs once untimed first (kernel compilation), then medians of --repeats.
 --interleave keeps every mode's engine alive and times them round-robin (separate
 runs of one mode differed by up to 18%). Slow links: run under NCCL_P2P_DISABLE=1 (no NVLink peer access;
@@ -32,6 +34,23 @@ def _timed(llm, prompts, max_tokens: int) -> float:
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return time.perf_counter() - t0
+
+
+def _decode_steps_ms(llm, prompts, steps: int) -> list[float]:
+    """Each decode step's wall time (ms), stepped by hand: the steps after the prompts' own."""
+    from braid import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=3 + steps, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"decode-{time.monotonic_ns()}-{i}", {"prompt_token_ids": p}, params)
+    times = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step(final_only=True)
+        times.append((time.perf_counter() - t0) * 1e3)
+    # The first steps run the prompts (and the first decode after them); the last ones drain.
+    return times[-1 - steps:-1]
 
 
 def build(model_dir: str, args, mode: str, **extra):
@@ -65,12 +84,18 @@ def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int, on_s
             times = {mode: ([], []) for mode in modes}
             for _ in range(args.repeats):
                 for mode, llm in llms.items():
+                    if kind == "decode" and not args.subtract:
+                        times[mode][0].extend(_decode_steps_ms(llm, ps, args.steps))
+                        continue
                     if kind == "decode":
                         times[mode][0].append(_timed(llm, ps, 1))
                     times[mode][1].append(_timed(llm, ps, tokens))
             for mode in modes:
                 one, many = times[mode]
-                if kind == "decode":
+                if kind == "decode" and not args.subtract:
+                    out[mode]["decode"][size] = dict(step_ms=statistics.median(one), steps_ms=one)
+                    step = statistics.median(one)
+                elif kind == "decode":
                     step = (statistics.median(many) - statistics.median(one)) / args.steps * 1e3
                     out[mode]["decode"][size] = dict(step_ms=step, t1_s=one, tS_s=many)
                 else:
@@ -98,9 +123,13 @@ def measure(model_dir: str, args, mode: str, vocab: int) -> dict:
     for batch in [int(b) for b in args.decode.split(",") if b]:
         ps = prompts(batch * args.dp, 64)
         _timed(llm, ps, 1 + args.steps)  # every shape of this batch compiled before timing
-        one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
-        many = statistics.median(_timed(llm, ps, 1 + args.steps) for _ in range(args.repeats))
-        out["decode"][batch] = dict(step_ms=(many - one) / args.steps * 1e3, t1_s=one, tS_s=many)
+        if args.subtract:
+            one = statistics.median(_timed(llm, ps, 1) for _ in range(args.repeats))
+            many = statistics.median(_timed(llm, ps, 1 + args.steps) for _ in range(args.repeats))
+            out["decode"][batch] = dict(step_ms=(many - one) / args.steps * 1e3, t1_s=one, tS_s=many)
+        else:
+            each = [t for _ in range(args.repeats) for t in _decode_steps_ms(llm, ps, args.steps)]
+            out["decode"][batch] = dict(step_ms=statistics.median(each), steps_ms=each)
         print(f"{mode:>4} decode {batch:>4} tokens/rank: {out['decode'][batch]['step_ms']:.2f} ms/step", flush=True)
     ps = prompts(8 * args.dp, args.prefill // 8)
     _timed(llm, ps, 1)
@@ -134,6 +163,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode)")
+    p.add_argument("--subtract", action="store_true",
+                   help="decode step from whole runs of 1 and 1 + S tokens (the earlier method)")
     p.add_argument("--trace-dir", default=None, help="trace each mode's run here and report overlap efficiency")
     p.add_argument("--interleave", action="store_true",
                    help="all modes' engines at once, timed round-robin (less drift between modes)")

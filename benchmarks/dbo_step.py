@@ -93,8 +93,8 @@ def measure_interleaved(model_dir: str, args, modes: list[str], vocab: int, on_s
             for mode in modes:
                 one, many = times[mode]
                 if kind == "decode" and not args.subtract:
-                    out[mode]["decode"][size] = dict(step_ms=statistics.median(one), steps_ms=one)
                     step = statistics.median(one)
+                    out[mode]["decode"][size] = dict(step_ms=step, steps_ms=one)
                 elif kind == "decode":
                     step = (statistics.median(many) - statistics.median(one)) / args.steps * 1e3
                     out[mode]["decode"][size] = dict(step_ms=step, t1_s=one, tS_s=many)

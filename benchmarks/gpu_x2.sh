@@ -4,6 +4,10 @@
 #        batch in flight vs two, --max-num-seqs 192 (two micro-batches' KV fit the pool: no preemption), traced.
 #  dbo2: DBO off/on/auto step times (the three engines timed round-robin), DeepSeek-V2-Lite shape, DP=2 x EP, over NVLink and with NCCL
 #        peer-to-peer off, one after the other (every shape warmed before timing).
+#  dboauto2: the DP x EP and DBO GPU tests; then dbo2 with per-step decode timing and auto's start-up
+#        tables in logs under $OUT.
+#  pp70seqs128: pp70's 1 vs 2 in flight at --max-num-seqs 128 (512 requests = 4 full waves of one batch,
+#        2 of two: no half-empty tail wave).
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}
@@ -21,5 +25,27 @@ dbo2)
     --out "$out/dbo_step_dsv2lite_dp2_nvlink_interleaved.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
   NCCL_P2P_DISABLE=1 timeout 270 python benchmarks/dbo_step.py --dp 2 --repeats 3 --interleave \
     --out "$out/dbo_step_dsv2lite_dp2_nop2p_interleaved.json" 2>&1 | grep -E "ms/step|ERROR|Error|overlap"
+  ;;
+dboauto2)
+  export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table
+  date +%T
+  timeout 150 python -m pytest tests/models/test_gpu_moe_models.py tests/worker/test_ubatching.py \
+    -k "dp2 or dbo or traced or stream" -m gpu -q -p no:cacheprovider --tb=short 2>&1 \
+    | grep -E "^E |Error|passed|failed|skipped" | tail -8
+  for link in nvlink nop2p; do
+    date +%T
+    [ $link = nop2p ] && export NCCL_P2P_DISABLE=1
+    timeout ${DBO_TIMEOUT:-210} python benchmarks/dbo_step.py --dp 2 --interleave \
+      --out "$out/dbo_step_dsv2lite_dp2_auto_${link}.json" > "$out/dbo_dp2_${link}.log" 2>&1
+    grep -E "ms/step|DBO auto policy|rror" "$out/dbo_dp2_${link}.log" | grep -v Warning | tail -20
+  done
+  date +%T
+  ;;
+pp70seqs128)
+  date +%T
+  timeout ${W1_TIMEOUT:-560} python benchmarks/w1_throughput.py --shape llama3-70b \
+    --engines braid-pp2-inflight1,braid-pp2 --max-num-seqs 128 --trace-dir /tmp/trace70 \
+    --out "$out/w1_llama3_70b_2xh200_pp2_seqs128.json" 2>&1 | grep -E "floor|braid|rror" | grep -v Warning | tail -6
+  date +%T
   ;;
 esac

@@ -12,6 +12,11 @@ source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
+gpu_tests() {  # the DP x EP and DBO GPU tests (~3 min), each test's outcome in $out/gpu_tests.log
+  timeout ${TESTS_TIMEOUT:-240} python -m pytest tests/models/test_gpu_moe_models.py tests/worker/test_ubatching.py \
+    -k "dp2 or dbo or traced or stream" -m gpu -v -p no:cacheprovider --tb=short > "$out/gpu_tests.log" 2>&1
+  grep -E "PASSED|FAILED|ERROR|^E |passed|failed" "$out/gpu_tests.log" | tail -14
+}
 case $1 in
 pp70)
   timeout 150 python -m pytest tests/distributed/test_gpu_parallel.py -k "pp2-async" -m gpu -q -p no:cacheprovider \
@@ -29,9 +34,7 @@ dbo2)
 dboauto2)
   export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table
   date +%T
-  timeout 150 python -m pytest tests/models/test_gpu_moe_models.py tests/worker/test_ubatching.py \
-    -k "dp2 or dbo or traced or stream" -m gpu -q -p no:cacheprovider --tb=short 2>&1 \
-    | grep -E "^E |Error|passed|failed|skipped" | tail -8
+  gpu_tests
   for link in nvlink nop2p; do
     date +%T
     [ $link = nop2p ] && export NCCL_P2P_DISABLE=1
@@ -43,6 +46,7 @@ dboauto2)
   ;;
 pp70seqs128)
   date +%T
+  [ -n "$WITH_TESTS" ] && gpu_tests && date +%T
   timeout ${W1_TIMEOUT:-560} python benchmarks/w1_throughput.py --shape llama3-70b \
     --engines braid-pp2-inflight1,braid-pp2 --max-num-seqs 128 --trace-dir /tmp/trace70 \
     --out "$out/w1_llama3_70b_2xh200_pp2_seqs128.json" 2>&1 | grep -E "floor|braid|rror" | grep -v Warning | tail -6

@@ -263,12 +263,15 @@ class DecodeCudaGraphs:
         self._upload()
         (self.split_graphs if split else self.graphs)[size][0].replay()
 
-    def run_next(self, sampled: torch.Tensor, num_reqs: int, dead_rows: torch.Tensor | None = None):
+    def run_next(self, sampled: torch.Tensor, num_reqs: int, dead_rows: torch.Tensor | None = None,
+                 min_size: int = 0):
         """The next pass of a multi-step run over the batch of the last run() (or of the inputs
         restore_inputs put back): every request's input becomes its sampled token one position
-        on, advanced on the device; dead_rows write no KV; then replay. A later pipeline stage
-        has received its inputs into stage_input_rows(B) already."""
-        size = self.bucket(num_reqs)
+        on, advanced on the device; dead_rows write no KV; then replay. `min_size` as in run():
+        every pass of a data-parallel step replays the bucket its first pass agreed on (the
+        replicas' MoE collectives move that many rows). A later pipeline stage has received its
+        inputs into stage_input_rows(B) already."""
+        size = self.bucket(max(num_reqs, min_size))
         d = self.dev
         advance_decode_inputs(d["input_ids"], d["positions"], d["seq_lens"], d["slot_mapping"], d["block_table"],
                               sampled, num_reqs, self.block_size)

@@ -294,7 +294,7 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
 
         # Multi-step: the decode batch's further passes (multi_step_passes.py).
         ms = MultiStepBatch(states, req_ids, rows, seq_ends, logits_idx, batch, host.seq_lens.copy(), host.num_tokens,
-                            passes_left=so.num_steps - 1)
+                            passes_left=so.num_steps - 1, dp_rows=self._dp_tokens or 0)
         return outputs + self._further_passes(ms, so.batch_id)
 
     @property

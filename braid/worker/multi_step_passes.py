@@ -53,6 +53,9 @@ class MultiStepBatch:
     # (first stage, (tokens, work)); the send of the last samples (last stage, its work).
     incoming: tuple | None = None
     outgoing: object | None = None
+    # Data parallelism under expert parallelism by all-gather: the rows every replica's passes
+    # pad their MoE inputs to (agreed in the first pass; an idle replica replays that bucket).
+    dp_rows: int = 0
 
 
 class MultiStepMixin:
@@ -114,7 +117,7 @@ class MultiStepMixin:
             stage_input = self._receive(ms.num_tokens, ms.batch is None)
             with tracer.gpu_span("forward"):
                 if ms.batch is None:
-                    out = self.cuda_graphs.run_next(sampled, n, dead)
+                    out = self.cuda_graphs.run_next(sampled, n, dead, ms.dp_rows)
                 else:
                     batch = ms.batch
                     ms.seq_lens_cpu = ms.seq_lens_cpu + 1

@@ -22,6 +22,7 @@ from braid.worker.batch_inputs import build_host_batch, pack_to_device, upload
 from braid.worker.cuda_graphs import DecodeCudaGraphs
 from braid.worker.async_output import AsyncModelRunnerOutput
 from braid.worker.logprobs import prompt_logprobs_for_chunk
+from braid.worker.multi_step import advance_decode_inputs
 from braid.worker.multi_step_passes import MultiStepBatch, MultiStepMixin
 from braid.worker.request_state import CachedRequestState
 from braid.worker.dbo_steps import DboStepsMixin
@@ -157,6 +158,12 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
             with set_forward_context(ForwardContext(md, self.kv_caches, self.attn_backend,
                                                     dp_padded_tokens=num_tokens if self._dp_pads_moe else None)):
                 self._compute(ids, positions, *stage_input)
+        if sched.num_scheduler_steps > 1:
+            # Multi-step's on-device input advance would otherwise compile in the first
+            # multi-step pass; one row of each input, with the dtypes and alignment of the real ones.
+            long = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(4)]
+            ints = [torch.ones((1, 1), dtype=torch.int32, device=self.device) for _ in range(2)]
+            advance_decode_inputs(long[0], long[1], ints[0].view(1), long[2], ints[1], long[3], 1, self.block_size)
 
     @torch.inference_mode()
     def profile_peak_memory(self) -> int:

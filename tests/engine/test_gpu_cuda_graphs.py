@@ -75,18 +75,43 @@ def test_overlap_modes_keep_logprobs(tmp_path):
                 assert max(abs(g_pos[t].logprob - w_pos[t].logprob) for t in w_pos) < 1e-3, kw
 
 
-def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
-    """After one round of requests, batches of other sizes and prompt lengths (row counts of 1,
-    multiples of 16 and others; block tables of other widths) compile no Triton kernel: a
-    compile mid-run stalls the step for 0.2-0.8 s (layers/triton_ops/__init__.py)."""
+def _record_compiles(monkeypatch) -> list[tuple[str, str]]:
+    """Every Triton compile from now on, by kernel name: its specializations (argument types,
+    and which pointers and ints Triton took as 16-aligned or equal to 1), so a failure shows
+    how a mid-run variant differs from the warm ones."""
     knobs = pytest.importorskip("triton").knobs
-    # Every compile, by kernel name: its specializations (argument types, and which pointers
-    # and ints Triton took as 16-aligned or equal to 1). Recorded from the start, so a failure
-    # shows how a mid-run variant differs from the warm ones.
     compiles: list[tuple[str, str]] = []
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
                         lambda *a, **k: compiles.append((k["fn"].name, f"{k['compile']['signature']} "
                                                          f"{k['compile']['configs']} {k['compile']['constants']}")))
+    return compiles
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_multi_step_compiles_nothing_after_start_up(tmp_path, monkeypatch, eager):
+    """Multi-step's on-device input advance is compiled at start-up, not in the first
+    multi-step pass (each mid-run compile stalls a step)."""
+    from braid.worker.multi_step_kernel import _advance_kernel
+
+    compiles = _record_compiles(monkeypatch)
+    _advance_kernel.device_caches.clear()  # compiled by an earlier test or not, it compiles again here
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=32,
+              num_scheduler_steps=4, async_scheduling=True, enforce_eager=eager)
+    warm = len(compiles)
+    assert any(name == "_advance_kernel" for name, _ in compiles), compiles
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [3, 4, 5, 6][: 1 + i % 4]} for i in range(9)], params, use_tqdm=False)
+    late = [(name, spec) for name, spec in compiles[warm:] if name == "_advance_kernel"]
+    assert late == [], late
+    assert_pool_full(llm)
+
+
+def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
+    """After one round of requests, batches of other sizes and prompt lengths (row counts of 1,
+    multiples of 16 and others; block tables of other widths) compile no Triton kernel: a
+    compile mid-run stalls the step for 0.2-0.8 s (layers/triton_ops/__init__.py)."""
+    compiles = _record_compiles(monkeypatch)
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
     llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=32)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -4,8 +4,9 @@
 # traced for per-rank GPU busy. Two 2-GPU runs share the host at a time (GPUs 0,1 and 2,3).
 # Usage: benchmarks/gpu_parallel4.sh SHAPE PART...   SHAPE: llama3-8b | llama3-70b;
 #        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs) | pp4ms (PP=4 async with and without
-#        multi-step 8) | pp4layers (PP=4 async ms8: 4 vs 5 shares, even layers vs 9,8,8,7). Each part fits a 10-minute call. TESTS_K: a pytest -k filter for the tests part;
-#        W1_REPEATS: W1 runs per engine.
+#        multi-step 8) | pp4layers (PP=4 async ms8: 4 vs 5 shares, even layers vs 9,8,8,7) | pp4partition
+#        (PP=4 async, even layers vs PP4_LAYERS, e.g. 21_20_20_19 for the 70B shape). Each part fits a
+#        10-minute call. TESTS_K: a pytest -k filter for the tests part; W1_REPEATS: W1 runs per engine.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 shape=$1
@@ -32,6 +33,8 @@ for part in "$@"; do
     # LM head and sampling (~1.5 layers of time for the 8B shape), one layer lighter.
     pp4layers) w1 0,1,2,3 braid-pp4-async-ms8,braid-pp4-async-ms8-inflight5,braid-pp4-async-ms8-inflight5-layers9_8_8_7 \
                  pp4layers ;;
+    # The last stage's LM head weighs ~1.2 layers of the 70B shape: one layer off it, one onto stage 0.
+    pp4partition) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-layers${PP4_LAYERS:-21_20_20_19} pp4partition ;;
   esac
 done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

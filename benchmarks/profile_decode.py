@@ -4,7 +4,9 @@ Three parts, each against its floor from the measured ceilings:
   gemm       torch linear for every weight matrix of a layer (and the LM head) at several batch sizes;
   attention  the Triton decode attention kernels alone over a context-512 paged cache, per launch config;
   engine     full engine decode steps under torch.profiler: GPU kernel time per step by kernel,
-             and the step's wall time (the difference is GPU idle time).
+             and the step's wall time (the difference is GPU idle time);
+  prefill    W1's prefill steps (16 prompts x 512 tokens), alone and next to 256 decoding requests,
+             under torch.profiler: GPU time by kernel kind against the step's FLOP floor.
 
     python benchmarks/profile_decode.py --parts gemm,attention,engine --out result.json
 """
@@ -134,6 +136,84 @@ def profile_engine(batches, context, steps, enforce_eager) -> list[dict]:
     return rows
 
 
+KERNEL_KINDS = (("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas")), ("attention", ("attention",)),
+                ("norm", ("rms", "norm")), ("silu", ("silu",)), ("rotary", ("rotary", "rope")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def prefill_floor_ms(cfg: dict, prompts: int, length: int, flops_rate: float, decoding: int = 0) -> tuple[float, float]:
+    """(FLOP floor in ms, FLOPs) of a step prefilling `prompts` prompts of `length` tokens:
+    every linear per token, causal attention per prompt, the LM head for the last tokens; plus
+    `decoding` decode tokens' linears and LM head (their KV reads, memory-bound, not counted)."""
+    h, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = h // heads
+    linear = layers * (h * (heads + 2 * kv_heads) * d + heads * d * h + 3 * h * inter)
+    attention = layers * 4 * heads * d * (length * (length + 1) // 2)  # QK^T and PV over the causal half
+    flops = prompts * (2 * linear * length + attention) + 2 * (prompts + decoding) * h * cfg["vocab_size"]
+    flops += 2 * decoding * linear
+    return flops / flops_rate * 1e3, flops
+
+
+def profile_prefill(prompts_per_step: int, length: int, steps: int, decoding: int, flops_rate: float) -> dict:
+    """W1's prefill steps under torch.profiler: `steps` steps of `prompts_per_step` fresh prompts of
+    `length` tokens (8192 tokens at 16 x 512), alone (decoding=0) or next to `decoding` requests that
+    decode (W1's mixed steps: the chunk budget left after the decodes). GPU time by kernel kind
+    against the step's FLOP floor."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from braid.engine.arg_utils import EngineArgs
+    from braid.engine.core import EngineCore
+    from braid.engine.messages import EngineCoreRequest
+    from braid.sampling_params import SamplingParams
+
+    cfg = SHAPES["llama3-8b"]
+    args = EngineArgs(model=write_shape("llama3-8b"), load_format="dummy", dtype="bfloat16", max_model_len=2048,
+                      max_num_seqs=decoding + prompts_per_step, max_num_batched_tokens=prompts_per_step * length,
+                      enable_prefix_caching=False)
+    core = EngineCore(args.create_engine_config())
+    g = torch.Generator().manual_seed(7)
+
+    def add(prefix: str, n: int, max_tokens: int) -> list[str]:
+        ids = [f"{prefix}-{i}" for i in range(n)]
+        for rid in ids:
+            core.add_request(EngineCoreRequest(rid, torch.randint(0, cfg["vocab_size"], (length,), generator=g).tolist(),
+                                               SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)))
+        return ids
+
+    decoders = add("decode", decoding, 10_000) if decoding else []
+    while decoding and core.kv_cache_manager.num_free_blocks and len(core.step().outputs) < decoding:
+        pass  # until every decoding request has its first token
+    for w in range(2):  # warm: the prefill shapes compiled, the decoders in steady state
+        add(f"warm{w}", prompts_per_step, 1)
+        core.step()
+    torch.cuda.synchronize()
+    walls, kinds, tokens = [], collections.Counter(), []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            add(f"p{i}", prompts_per_step, 1)
+            t0 = time.perf_counter()
+            core.step()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - t0) * 1e3)
+    by_kernel = collections.Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kinds[kernel_kind(ev.name)] += ev.time_range.elapsed_us() / 1e3 / steps
+            by_kernel[ev.name[:90]] += ev.time_range.elapsed_us() / 1e3 / steps
+    floor, flops = prefill_floor_ms(cfg, prompts_per_step, length, flops_rate, decoding)
+    if decoders:
+        core.abort_requests(decoders)
+    return dict(prompts_per_step=prompts_per_step, length=length, decoding=decoding, steps=steps,
+                wall_ms=walls, wall_ms_median=statistics.median(walls), gpu_ms_by_kind=dict(kinds),
+                gpu_ms=sum(kinds.values()), flop_floor_ms=floor, flops=flops,
+                top_kernels=[dict(name=n, ms_per_step=v) for n, v in by_kernel.most_common(16)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default="gemm,attention,engine")
@@ -164,6 +244,14 @@ def main() -> None:
             for r in best[:4]:
                 print(f"   {r['kernel']} {({k: v for k, v in r.items() if k in ('tile_n', 'num_warps', 'num_stages', 'num_splits')})} "
                       f"{r['ms']:.3f} ms x{r['ratio']:.2f}")
+    if "prefill" in parts:
+        result["prefill"] = [profile_prefill(16, 512, a.steps, decoding, flops) for decoding in (0, 256)]
+        for r in result["prefill"]:
+            print(f"prefill 16 x 512 + {r['decoding']} decoding: wall {r['wall_ms_median']:.1f} ms, gpu {r['gpu_ms']:.1f} "
+                  f"ms, FLOP floor {r['flop_floor_ms']:.1f} ms (x{r['wall_ms_median'] / r['flop_floor_ms']:.2f}); "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["gpu_ms_by_kind"].items(), key=lambda kv: -kv[1])))
+            for k in r["top_kernels"][:10]:
+                print(f"   {k['ms_per_step']:7.2f} ms  {k['name'][:80]}")
     if "engine" in parts:
         result["engine"] = profile_engine(batches, a.context, a.steps, a.enforce_eager)
         for r in result["engine"]:

@@ -37,4 +37,12 @@ for part in "$@"; do
     pp4partition) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-layers${PP4_LAYERS:-21_20_20_19} pp4partition ;;
   esac
 done
+decode_busy() {  # per-stage busy in the decode steady state of every traced run of a part
+  for d in /tmp/trace-$shape-$1/*/; do
+    echo "$(basename $d): $(python benchmarks/pp_decode_busy.py $d 2>&1 | tail -1)"
+  done | tee "$out/decode_busy_${shape}_$1.txt"
+}
+for part in "$@"; do
+  case $part in pp4ms|pp4layers|pp4partition) decode_busy $part ;; esac
+done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

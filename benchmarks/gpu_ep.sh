@@ -4,6 +4,7 @@
 #       with DP=2 x EP (the two shapes side by side on GPUs 0,1 and 2,3) and DP=4 x EP, traced.
 #  w1dp2 (2 GPUs): DP=2 x EP W1-style with async and multi-step scheduling.
 #  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
+#  dboauto4: DP=4 x EP auto vs off/on (per-step decode timing) over NVLink, then with P2P off.
 #  dboauto: auto vs off/on at decode 64/128/256 and prefill 4096, interleaved: DP=4 x EP over NVLink, then
 #       DP=2 x EP over NVLink (GPUs 0,1) and with peer-to-peer off (GPUs 2,3) side by side; logs (with auto's
 #       start-up table) under $OUT.
@@ -61,6 +62,17 @@ dbo4)
     2>&1 | grep -E "ms/step|ERROR|overlap"
   timeout 240 python benchmarks/dbo_step.py --shape llama3-70b --dp 1 --tp 4 --ep 0 --modes off,on --decode "" \
     --prefill 4096 --out "$out/dbo_step_llama3_70b_tp4.json" 2>&1 | grep -E "ms/step|ERROR"
+  ;;
+dboauto4)
+  # DP=4 x EP, auto vs off/on with per-step decode timing: over NVLink, then with NCCL P2P off
+  # (the decode rows of the P2P-off case were never measured); logs with auto's tables under $OUT.
+  export BRAID_LOG_LEVEL=INFO
+  for link in nvlink nop2p; do
+    [ $link = nop2p ] && export NCCL_P2P_DISABLE=1
+    timeout ${DBO_TIMEOUT:-280} python benchmarks/dbo_step.py --dp 4 --interleave \
+      --out "$out/dbo_step_dsv2lite_dp4_auto_${link}.json" > "$out/dbo_dp4_${link}.log" 2>&1
+    grep -E "ms/step|DBO auto policy|rror" "$out/dbo_dp4_${link}.log" | grep -v Warning | grep -v "worker-[123]" | tail -14
+  done
   ;;
 dboauto)
   export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table

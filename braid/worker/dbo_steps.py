@@ -75,8 +75,8 @@ class DboStepsMixin:
 
     # ---- dual-batch overlap: the auto policy's start-up measurements ------------------
     def _calibrate_dbo(self) -> None:
-        """Time dummy steps whole and split at a few sizes (dbo_auto.py); every DP rank keeps
-        the slowest rank's times, so all hold one table and vote alike."""
+        """Time dummy steps whole and split at a few sizes (dbo_auto.py); every rank keeps the
+        slowest rank's times, so all hold one table and vote (and split) alike."""
         from braid.worker.dbo_auto import calibrate, calibration_sizes, decode_shape
 
         overlap, sched = self.config.overlap, self.config.scheduler
@@ -88,12 +88,14 @@ class DboStepsMixin:
             table = calibrate(self._dummy_step, sync, decode, prefill, sched.max_model_len,
                               lambda n: decode_shape(n, 512, sched.max_model_len - 1,
                                                      self.num_kv_blocks * self.block_size))
-        if self._dp_vote_group is not None:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Over every rank, not only the DP group: the TP ranks of a replica must split the
+            # same steps too (DBO refuses pipeline parallelism, so every rank runs every step).
             rows = table.decode + table.prefill
             times = torch.tensor([[w, sp] for _, w, sp in rows], dtype=torch.float64, device=self.device)
-            dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self._dp_vote_group)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
             merged = [(n, w, sp) for (n, _, _), (w, sp) in zip(rows, times.tolist())]
             table.decode, table.prefill = merged[:len(table.decode)], merged[len(table.decode):]
         self._dbo_dp_tokens = self._dp_tokens = None

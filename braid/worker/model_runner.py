@@ -333,8 +333,12 @@ class ModelRunner(DboStepsMixin, MultiStepMixin):
         data-parallel replica with nothing scheduled still takes part in every collective
         (and in the dual-batch-overlap vote, where it votes no). Under expert parallelism
         by all-gather it pads to the others' count, and replays their CUDA graph. With
-        multi-step the others run num_passes passes after one agreement: so does this one."""
+        multi-step the others run num_passes passes after one agreement: so does this one.
+        Without expert parallelism no collective of a forward spans replicas (each replica's
+        TP ranks idle together): the vote, where there is one, is all it owes the others."""
         use_graph, _ = self._agree_step(1, self.cuda_graphs is not None, None)
+        if not self.config.parallel.enable_expert_parallel:
+            return
         if use_graph:
             for _ in range(num_passes):
                 with self.tracer.cpu_span("dummy_batch", cuda_graph=True):

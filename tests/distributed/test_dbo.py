@@ -100,15 +100,20 @@ def test_dbo_moe_dp2_ep_equals_off(tmp_path):
 
 
 @pytest.mark.distributed
-def test_dbo_auto_moe_dp2_ep_one_table_on_every_rank(tmp_path):
+@pytest.mark.parametrize("arch,parallel", [
+    ("qwen3_moe", dict(data_parallel_size=2, enable_expert_parallel=True)),
+    # The TP ranks of one replica must split the same steps: one table there too.
+    ("llama", dict(tensor_parallel_size=2)),
+], ids=["moe-dp2-ep", "dense-tp2"])
+def test_dbo_auto_one_table_on_every_rank(tmp_path, arch, parallel):
     import json
     import os
 
-    model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    model = make_tiny_checkpoint(arch, tmp_path / arch)
     want = _generate(LLM(model, kv_cache_memory="64MiB"))
     trace_dir = tmp_path / "t"
-    llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), data_parallel_size=2,
-              enable_expert_parallel=True, max_num_seqs=8, max_num_batched_tokens=32, dbo_policy="auto", **DBO)
+    llm = LLM(model, kv_cache_memory="64MiB", trace_dir=str(trace_dir), max_num_seqs=8, max_num_batched_tokens=32,
+              dbo_policy="auto", **parallel, **DBO)
     try:
         assert _generate(llm) == want
         assert_pool_full(llm)

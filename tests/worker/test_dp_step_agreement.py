@@ -42,3 +42,29 @@ def test_one_all_reduce_per_step(monkeypatch, enable_dbo, pads, reduces):
     if enable_dbo:  # this replica votes no: nobody splits
         runner.others = [0, 10, 0]
         assert runner._agree_step(40, True, None)[1] is None
+
+
+class IdleRunner(Runner):
+    """A replica with nothing scheduled, CUDA graphs captured (stand-ins that record replays)."""
+    _dummy_forward = ModelRunner._dummy_forward
+
+    def __init__(self, expert_parallel: bool) -> None:
+        from braid.observe.trace import NULL_TRACER
+
+        super().__init__(enable_dbo=False, pads=expert_parallel, others=[1, 24, 0])
+        self.config.parallel = SimpleNamespace(enable_expert_parallel=expert_parallel)
+        self.tracer = NULL_TRACER
+        self.idle_replays = []
+        self.cuda_graphs = SimpleNamespace(run_idle=self.idle_replays.append)
+
+
+@pytest.mark.parametrize("expert_parallel", [True, False], ids=["ep-allgather", "dense"])
+def test_an_idle_replica_replays_the_agreed_bucket_or_nothing(monkeypatch, expert_parallel):
+    """Under expert parallelism an idle replica joins every pass's MoE collectives at the
+    busiest replica's size; without it (a dense model, or experts replicated) no collective
+    spans replicas and it runs nothing (it had replayed a graph for None rows and crashed)."""
+    runner = IdleRunner(expert_parallel)
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda t, op=None, group=None: t.copy_(torch.maximum(t, torch.tensor(runner.others))))
+    runner._dummy_forward(num_passes=3)
+    assert runner.idle_replays == ([24, 24, 24] if expert_parallel else [])

@@ -1,4 +1,4 @@
-"""GPU (NCCL): tensor and pipeline parallelism give the single-GPU greedy tokens, with and
+"""GPU (NCCL): tensor, pipeline and (dense) data parallelism give the single-GPU greedy tokens, with and
 without CUDA graphs (each pipeline stage replays its own graph; the later stage receives
 into the graph's static inputs), with async scheduling, and TP x PP; fp32, so that the
 reduction order TP changes cannot flip a token. Every worker's timeline shows its decode
@@ -31,6 +31,9 @@ CASES = {
     "pp2-ms8": dict(pipeline_parallel_size=2, num_scheduler_steps=8),
     "pp2-ms8-eager": dict(pipeline_parallel_size=2, num_scheduler_steps=8, enforce_eager=True),
     "pp4-async-ms8": dict(pipeline_parallel_size=4, async_scheduling=True, num_scheduler_steps=8),
+    # Dense data parallelism: a replica that runs out of requests first idles (no dummy forward).
+    "dp2": dict(data_parallel_size=2),
+    "dp2-async-ms4": dict(data_parallel_size=2, async_scheduling=True, num_scheduler_steps=4),
 }
 
 
@@ -61,7 +64,7 @@ def setup(tmp_path_factory):
 def test_parallel_equals_single_gpu(setup, case, tmp_path):
     model, prompts, want = setup
     kw = CASES[case]
-    world = kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1)
+    world = kw.get("tensor_parallel_size", 1) * kw.get("pipeline_parallel_size", 1) * kw.get("data_parallel_size", 1)
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA devices")
     assert _generate(model, prompts, trace_dir=str(tmp_path), **kw) == want

@@ -2,9 +2,9 @@
 
 At start-up every rank times dummy steps of a few sizes both ways — whole, as the
 engine would run them (a CUDA graph for decode batches where graphs exist, eagerly
-otherwise), and split into two micro-batches on the ubatching threads — and the
-data-parallel ranks keep the slowest rank's times (one all-reduce), so every rank holds
-the same table and votes alike. A step splits when, at the largest measured size not
+otherwise), and split into two micro-batches on the ubatching threads — and all ranks
+(data- and tensor-parallel) keep the slowest rank's times (one all-reduce), so every rank
+holds the same table, and votes and splits alike. A step splits when, at the largest measured size not
 above its token count, the split step was faster by more than the margin.
 
 Why whole-step times instead of a model built from per-layer compute and communication

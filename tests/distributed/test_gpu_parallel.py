@@ -31,6 +31,10 @@ CASES = {
     "pp2-ms8": dict(pipeline_parallel_size=2, num_scheduler_steps=8),
     "pp2-ms8-eager": dict(pipeline_parallel_size=2, num_scheduler_steps=8, enforce_eager=True),
     "pp4-async-ms8": dict(pipeline_parallel_size=4, async_scheduling=True, num_scheduler_steps=8),
+    # Dual-batch overlap over TP all-reduces: split decode steps replay graphs captured from the
+    # two micro-batch threads; split prefills run eagerly.
+    "tp2-dbo": dict(tensor_parallel_size=2, enable_dbo=True, dbo_decode_token_threshold=2,
+                    dbo_prefill_token_threshold=4),
     # Dense data parallelism: a replica that runs out of requests first idles (no dummy forward).
     "dp2": dict(data_parallel_size=2),
     "dp2-async-ms4": dict(data_parallel_size=2, async_scheduling=True, num_scheduler_steps=4),

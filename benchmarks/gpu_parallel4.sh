@@ -34,7 +34,8 @@ for part in "$@"; do
     pp4layers) w1 0,1,2,3 braid-pp4-async-ms8,braid-pp4-async-ms8-inflight5,braid-pp4-async-ms8-inflight5-layers9_8_8_7 \
                  pp4layers ;;
     # The last stage's LM head weighs ~1.2 layers of the 70B shape: one layer off it, one onto stage 0.
-    pp4partition) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-layers${PP4_LAYERS:-21_20_20_19} pp4partition ;;
+    pp4partition) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-layers${PP4_LAYERS:-21_20_20_19} pp4partition
+                  tar czf "$out/trace_${shape}_pp4partition.tgz" -C /tmp "trace-$shape-pp4partition" ;;
   esac
 done
 decode_busy() {  # per-stage busy in the decode steady state of every traced run of a part

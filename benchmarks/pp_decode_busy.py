@@ -4,7 +4,8 @@ directory (`--trace-dir`, one run's worker traces).
 W1 comes in waves: every wave starts with prefill chunks that fill the pipeline stage by
 stage, so busy over the whole run (or its middle) mixes the pipeline's fill and drain into
 the steady state. Here the steady state is each stretch of decode passes on the last stage
-(forward spans under --max-pass-ms, no gap over --max-gap-ms) lasting over --min-segment-ms,
+(forward spans under --max-pass-ms, by default 1.5x the median forward: W1's passes are mostly
+decode, and a 70B stage's decode pass takes longer than an 8B stage's; no gap over --max-gap-ms) lasting over --min-segment-ms,
 trimmed by 10% at both ends; every stage's busy (forward + sample spans) is measured over
 those same stretches of time.
 
@@ -17,6 +18,7 @@ import glob
 import json
 import os
 import re
+import statistics
 
 
 def load_gpu_spans(trace_dir: str) -> dict[int, list[tuple[float, float, str]]]:
@@ -60,13 +62,15 @@ def busy_in(spans, t0: float, t1: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("trace_dir")
-    p.add_argument("--max-pass-ms", type=float, default=5.0)
+    p.add_argument("--max-pass-ms", type=float, default=None, help="default: 1.5 x the last stage's median forward")
     p.add_argument("--max-gap-ms", type=float, default=1.0)
     p.add_argument("--min-segment-ms", type=float, default=200.0)
     args = p.parse_args()
     spans = load_gpu_spans(args.trace_dir)
     last = max(spans)
-    segments = decode_segments(spans[last], args.max_pass_ms * 1e3, args.max_gap_ms * 1e3, args.min_segment_ms * 1e3)
+    max_pass_us = (args.max_pass_ms * 1e3 if args.max_pass_ms is not None
+                   else 1.5 * statistics.median(d for _, d, n in spans[last] if n == "forward"))
+    segments = decode_segments(spans[last], max_pass_us, args.max_gap_ms * 1e3, args.min_segment_ms * 1e3)
     total = sum(e - s for s, e in segments)
     if not total:
         raise SystemExit("no decode segment found")

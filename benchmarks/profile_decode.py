@@ -159,33 +159,43 @@ def prefill_floor_ms(cfg: dict, prompts: int, length: int, flops_rate: float, de
     return flops / flops_rate * 1e3, flops
 
 
-def profile_prefill(prompts_per_step: int, length: int, steps: int, decoding: int, flops_rate: float) -> dict:
+def profile_prefills(prompts_per_step: int, length: int, steps: int, decodings: list[int], flops_rate: float) -> list[dict]:
+    """`profile_prefill` for each number of decoding requests, on one engine (a second engine would
+    not fit next to the first one's KV pool)."""
+    from braid.engine.arg_utils import EngineArgs
+    from braid.engine.core import EngineCore
+
+    args = EngineArgs(model=write_shape("llama3-8b"), load_format="dummy", dtype="bfloat16", max_model_len=2048,
+                      max_num_seqs=max(decodings) + prompts_per_step, max_num_batched_tokens=prompts_per_step * length,
+                      enable_prefix_caching=False)
+    core = EngineCore(args.create_engine_config())
+    return [profile_prefill(core, prompts_per_step, length, steps, d, flops_rate) for d in decodings]
+
+
+def profile_prefill(core, prompts_per_step: int, length: int, steps: int, decoding: int, flops_rate: float) -> dict:
     """W1's prefill steps under torch.profiler: `steps` steps of `prompts_per_step` fresh prompts of
     `length` tokens (8192 tokens at 16 x 512), alone (decoding=0) or next to `decoding` requests that
     decode (W1's mixed steps: the chunk budget left after the decodes). GPU time by kernel kind
     against the step's FLOP floor."""
     from torch.profiler import ProfilerActivity, profile
 
-    from braid.engine.arg_utils import EngineArgs
-    from braid.engine.core import EngineCore
     from braid.engine.messages import EngineCoreRequest
     from braid.sampling_params import SamplingParams
 
     cfg = SHAPES["llama3-8b"]
-    args = EngineArgs(model=write_shape("llama3-8b"), load_format="dummy", dtype="bfloat16", max_model_len=2048,
-                      max_num_seqs=decoding + prompts_per_step, max_num_batched_tokens=prompts_per_step * length,
-                      enable_prefix_caching=False)
-    core = EngineCore(args.create_engine_config())
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(7 + decoding)
+    added: list[str] = []
 
     def add(prefix: str, n: int, max_tokens: int) -> list[str]:
-        ids = [f"{prefix}-{i}" for i in range(n)]
+        ids = [f"{decoding}-{prefix}-{i}" for i in range(n)]
+        added.extend(ids)
         for rid in ids:
             core.add_request(EngineCoreRequest(rid, torch.randint(0, cfg["vocab_size"], (length,), generator=g).tolist(),
                                                SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)))
         return ids
 
-    decoders = add("decode", decoding, 10_000) if decoding else []
+    if decoding:
+        add("decode", decoding, 10_000)
     while decoding and core.kv_cache_manager.num_free_blocks and len(core.step().outputs) < decoding:
         pass  # until every decoding request has its first token
     for w in range(2):  # warm: the prefill shapes compiled, the decoders in steady state
@@ -206,8 +216,9 @@ def profile_prefill(prompts_per_step: int, length: int, steps: int, decoding: in
             kinds[kernel_kind(ev.name)] += ev.time_range.elapsed_us() / 1e3 / steps
             by_kernel[ev.name[:90]] += ev.time_range.elapsed_us() / 1e3 / steps
     floor, flops = prefill_floor_ms(cfg, prompts_per_step, length, flops_rate, decoding)
-    if decoders:
-        core.abort_requests(decoders)
+    core.abort_requests(added)  # the decoders, and any prompt a mixed step left half done
+    while core.has_unfinished_requests():
+        core.step()
     return dict(prompts_per_step=prompts_per_step, length=length, decoding=decoding, steps=steps,
                 wall_ms=walls, wall_ms_median=statistics.median(walls), gpu_ms_by_kind=dict(kinds),
                 gpu_ms=sum(kinds.values()), flop_floor_ms=floor, flops=flops,
@@ -245,7 +256,7 @@ def main() -> None:
                 print(f"   {r['kernel']} {({k: v for k, v in r.items() if k in ('tile_n', 'num_warps', 'num_stages', 'num_splits')})} "
                       f"{r['ms']:.3f} ms x{r['ratio']:.2f}")
     if "prefill" in parts:
-        result["prefill"] = [profile_prefill(16, 512, a.steps, decoding, flops) for decoding in (0, 256)]
+        result["prefill"] = profile_prefills(16, 512, a.steps, [0, 256], flops)
         for r in result["prefill"]:
             print(f"prefill 16 x 512 + {r['decoding']} decoding: wall {r['wall_ms_median']:.1f} ms, gpu {r['gpu_ms']:.1f} "
                   f"ms, FLOP floor {r['flop_floor_ms']:.1f} ms (x{r['wall_ms_median'] / r['flop_floor_ms']:.2f}); "

@@ -5,6 +5,7 @@
 #  w1dp2 (2 GPUs): DP=2 x EP W1-style with async and multi-step scheduling.
 #  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
 #  dboauto4: DP=4 x EP auto vs off/on (per-step decode timing) over NVLink, then with P2P off.
+#  dbo256nop2p: DP=4 x EP with P2P off, decode 256 only, 10 repeats.
 #  dboauto: auto vs off/on at decode 64/128/256 and prefill 4096, interleaved: DP=4 x EP over NVLink, then
 #       DP=2 x EP over NVLink (GPUs 0,1) and with peer-to-peer off (GPUs 2,3) side by side; logs (with auto's
 #       start-up table) under $OUT.
@@ -73,6 +74,14 @@ dboauto4)
       --out "$out/dbo_step_dsv2lite_dp4_auto_${link}.json" > "$out/dbo_dp4_${link}.log" 2>&1
     grep -E "ms/step|DBO auto policy|rror" "$out/dbo_dp4_${link}.log" | grep -v Warning | grep -v "worker-[123]" | tail -14
   done
+  ;;
+dbo256nop2p)
+  # DP=4 x EP without P2P, decode 256 only, 10 interleaved repeats: the host-memory link slows down
+  # in stretches of dozens of steps, which five repeats could not average out.
+  export BRAID_LOG_LEVEL=INFO NCCL_P2P_DISABLE=1
+  timeout ${DBO_TIMEOUT:-280} python benchmarks/dbo_step.py --dp 4 --interleave --decode 256 --repeats 10 \
+    --out "$out/dbo_step_dsv2lite_dp4_auto_nop2p_d256.json" > "$out/dbo_dp4_nop2p_d256.log" 2>&1
+  grep -E "ms/step|rror" "$out/dbo_dp4_nop2p_d256.log" | grep -v Warning | tail -8
   ;;
 dboauto)
   export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table

@@ -63,6 +63,8 @@ def run_info() -> dict:
         "torch": torch.__version__,
         "git_commit": os.environ.get("BRAID_GIT_COMMIT") or git_commit(),
         "host": host_info(),
+        # Kernel switches read from the environment (BRAID_PDL, BRAID_SKINNY_GEMM, ...), for A/B runs.
+        "braid_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BRAID_") and k != "BRAID_GIT_COMMIT"},
     }
     try:
         import triton

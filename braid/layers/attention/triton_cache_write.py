@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
+
 
 @triton.jit
 def _write_kv_cache_kernel(
@@ -31,7 +33,9 @@ def _write_kv_cache_kernel(
     stride_cd,
     HEADS_PAD: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     # One program per token: copies all of its kv heads at once.
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token)
@@ -85,4 +89,5 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
         key_cache.stride(3),
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        **pdl_launch(k),
     )

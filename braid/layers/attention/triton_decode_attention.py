@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from braid.layers.attention.triton_unified_attention import LOG2E, attend_kv_tiles, dot_precision, head_dim_pad
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # see triton_ops/__init__.py
@@ -50,7 +51,9 @@ def _split_kv_decode_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -114,7 +117,9 @@ def _merge_splits_kernel(
     stride_od,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + req)
@@ -197,6 +202,7 @@ def split_kv_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q),
     )
     _merge_splits_kernel[(num_reqs, num_heads)](
         out,
@@ -211,4 +217,5 @@ def split_kv_decode_attention(
         out.stride(2),
         NUM_SPLITS=num_splits,
         HEAD_DIM_PAD=d_pad,
+        **pdl_launch(q),
     )

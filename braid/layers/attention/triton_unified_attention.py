@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -138,7 +140,9 @@ def _unified_attention_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -278,4 +282,5 @@ def unified_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q),
     )

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
+
 # One block holds the whole row; beyond this the row would not fit in registers.
 MAX_HIDDEN = 65536
 
@@ -22,7 +24,9 @@ def _rms_norm_kernel(
     sx_a, sx_b, sr_a, sr_b, so_a, so_b, sro_a, sro_b,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     # Rows are indexed [a, b] so a per-head norm over a strided [T, H, D] view
     # (Qwen3's q_norm on a slice of qkv) needs no copy; 2-D inputs have rows_b = 1.
     row = tl.program_id(0).to(tl.int64)
@@ -76,7 +80,7 @@ def _launch(x, residual, weight, out, res_out, eps: float) -> None:
     _rms_norm_kernel[(a * b,)](
         x3, r3, weight, o3, ro3, n, b, eps,
         sx_a, sx_b, sr_a, sr_b, so_a, so_b, sro_a, sro_b,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x3),
     )
 
 

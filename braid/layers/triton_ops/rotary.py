@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
+
 
 @triton.jit
 def _rotate_heads(base, stride_h, num_heads, c1, c2, s1, s2, j, j_mask, half, HEADS_PAD: tl.constexpr):
@@ -45,7 +47,9 @@ def _rotary_kernel(
     v_ptr, key_cache_ptr, value_cache_ptr, slot_ptr, num_slots, block_size,
     stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
     HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, WRITE_KV: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
@@ -128,5 +132,5 @@ def rotary_embedding_(
         sqt, sqh, skt, skh, cos_cache.stride(0),
         hq, hk, half, *kv_args,
         HQ_PAD=pad_q, HK_PAD=pad_k, HALF_PAD=triton.next_power_of_2(half), WRITE_KV=cache_write is not None,
-        num_warps=4 if tile <= 2048 else 8,
+        num_warps=4 if tile <= 2048 else 8, **pdl_launch(q),
     )

@@ -10,9 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enter, pdl_launch
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -37,6 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
-        x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4 if block >= 512 else 1
+        x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl_launch(x2)
     )
     return out

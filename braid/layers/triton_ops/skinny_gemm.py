@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from braid.layers.triton_ops.pdl import pdl_enabled, pdl_enter, pdl_launch, prefetch_l2
+
 
 @dataclass(frozen=True)
 class SkinnyConfig:
@@ -33,7 +35,8 @@ class SkinnyConfig:
 @triton.jit(do_not_specialize=["M", "stride_os"])  # see triton_ops/__init__.py
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
                         K_PER_SPLIT, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                        USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0, PER_LINE: tl.constexpr = 64):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -42,6 +45,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * K_PER_SPLIT
     k_len = tl.minimum(K - k_start, K_PER_SPLIT)
+    if PREFETCH_K > 0:  # weights are never written by a step: fetch the first ones before waiting
+        offs_line = tl.arange(0, PREFETCH_K // PER_LINE) * PER_LINE  # one pointer per 128-byte line
+        keep = (offs_n[:, None] < N) & (offs_line[None, :] < k_len)
+        prefetch_l2(tl.where(keep, w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_line)[None, :],
+                             w_ptr))
+    pdl_enter(USE_PDL)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start + offs_k)[None, :]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (k_start + offs_k)[:, None]
     m_mask = offs_m[None, :] < M
@@ -70,7 +79,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride
 
 @triton.jit(do_not_specialize=["MN"])
 def _split_k_reduce_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -100,6 +110,15 @@ def _shared_memory_per_block() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
 
 
+def _prefetch_k(x: torch.Tensor, k_per_split: int, config: SkinnyConfig) -> int:
+    """Weight columns per row to pull into L2 before the PDL wait (BRAID_PDL=2): as many as the
+    pipeline's first loads read, a power of two."""
+    if pdl_enabled(x) != 2:
+        return 0
+    first_loads = min(k_per_split, config.block_k * config.num_stages, 1024)
+    return 1 << (first_loads.bit_length() - 1)
+
+
 def block_m_for(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -127,10 +146,11 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         n, m * n, k_per_split,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PREFETCH_K=_prefetch_k(x, k_per_split, config), PER_LINE=128 // weight.element_size(), num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl_launch(x))
     if split > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, bias if bias is not None else part, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4)
+            BLOCK=block, num_warps=4, **pdl_launch(x))
     return out

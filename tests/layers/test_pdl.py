@@ -42,7 +42,7 @@ def test_bad_value_names_the_variable(pdl_env):
 
 def test_cpu_tensors_launch_without_pdl(pdl_env):
     pdl_env("2")
-    assert pdl.pdl_launch(torch.zeros(2)) == {"USE_PDL": False}
+    assert pdl.pdl_launch(torch.zeros(2), 1) == {"USE_PDL": False}
     assert skinny_gemm._prefetch_k(torch.zeros(2), 4096, skinny_gemm.SkinnyConfig()) == 0
 
 
@@ -67,6 +67,18 @@ def test_prefetch_width_is_a_power_of_two_within_the_split(pdl_env):
         width = skinny_gemm._prefetch_k(x, k_per_split, config)
         if pdl.pdl_enabled(x):
             assert width & (width - 1) == 0 and 64 <= width <= min(k_per_split, 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_only_small_steps_launch_with_pdl(pdl_env):
+    pdl_env("1")
+    x = torch.zeros(1, device="cuda")
+    if not pdl.pdl_enabled(x):
+        pytest.skip("this GPU or Triton has no programmatic dependent launch")
+    assert pdl.pdl_launch(x, pdl.PDL_MAX_TOKENS) == {"USE_PDL": True, "launch_pdl": True}
+    assert pdl.pdl_launch(x, pdl.PDL_MAX_TOKENS + 1) == {"USE_PDL": False}
+    pdl_env("0")
+    assert pdl.pdl_launch(x, 1) == {"USE_PDL": False}
 
 
 def _chain(x, weights, norm_weight):

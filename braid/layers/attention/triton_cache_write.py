@@ -89,5 +89,5 @@ def write_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
         key_cache.stride(3),
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        **pdl_launch(k),
+        **pdl_launch(k, num_tokens),
     )

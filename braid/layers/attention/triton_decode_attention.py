@@ -202,7 +202,7 @@ def split_kv_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_launch(q),
+        **pdl_launch(q, num_reqs),
     )
     _merge_splits_kernel[(num_reqs, num_heads)](
         out,
@@ -217,5 +217,5 @@ def split_kv_decode_attention(
         out.stride(2),
         NUM_SPLITS=num_splits,
         HEAD_DIM_PAD=d_pad,
-        **pdl_launch(q),
+        **pdl_launch(q, num_reqs),
     )

@@ -282,5 +282,5 @@ def unified_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
-        **pdl_launch(q),
+        **pdl_launch(q, num_tokens),
     )

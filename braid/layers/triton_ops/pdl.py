@@ -11,7 +11,8 @@ GEMM may also pull its first weight tiles into L2 before it waits (weights are n
 by a step).
 
 `BRAID_PDL`: 0 off, 1 on (default), 2 on with the GEMM's weight prefetch. Kernels take a
-`USE_PDL` constexpr and call `pdl_enter(USE_PDL)` first; launch sites pass `**pdl_launch(t)`.
+`USE_PDL` constexpr and call `pdl_enter(USE_PDL)` first; launch sites pass `**pdl_launch(t, tokens)`,
+which turns PDL on only for steps of at most PDL_MAX_TOKENS tokens.
 """
 from __future__ import annotations
 
@@ -55,9 +56,15 @@ def pdl_enabled(t: torch.Tensor) -> int:
     return _mode_for(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def pdl_launch(t: torch.Tensor) -> dict:
-    """Launch keywords for a kernel with a USE_PDL constexpr, over tensors on t's device."""
-    return {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(t) else {"USE_PDL": False}
+# Steps of at most this many tokens run all-Triton chains (the skinny GEMM's range). Larger
+# ones call cuBLAS between the Triton kernels, which breaks the chain, and there PDL measured
+# 2% slower (batch-256 decode step on H100, docs/performance.md).
+PDL_MAX_TOKENS = 64
+
+
+def pdl_launch(t: torch.Tensor, tokens: int) -> dict:
+    """Launch keywords for a kernel with a USE_PDL constexpr over `tokens` token rows on t's device."""
+    return {"USE_PDL": True, "launch_pdl": True} if tokens <= PDL_MAX_TOKENS and pdl_enabled(t) else {"USE_PDL": False}
 
 
 def reset_cache() -> None:

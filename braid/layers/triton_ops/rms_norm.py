@@ -80,7 +80,7 @@ def _launch(x, residual, weight, out, res_out, eps: float) -> None:
     _rms_norm_kernel[(a * b,)](
         x3, r3, weight, o3, ro3, n, b, eps,
         sx_a, sx_b, sr_a, sr_b, so_a, so_b, sro_a, sro_b,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x3),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps, **pdl_launch(x3, a),
     )
 
 

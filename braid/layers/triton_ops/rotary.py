@@ -132,5 +132,5 @@ def rotary_embedding_(
         sqt, sqh, skt, skh, cos_cache.stride(0),
         hq, hk, half, *kv_args,
         HQ_PAD=pad_q, HK_PAD=pad_k, HALF_PAD=triton.next_power_of_2(half), WRITE_KV=cache_write is not None,
-        num_warps=4 if tile <= 2048 else 8, **pdl_launch(q),
+        num_warps=4 if tile <= 2048 else 8, **pdl_launch(q, num_tokens),
     )

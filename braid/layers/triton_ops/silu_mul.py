@@ -40,6 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
-        x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl_launch(x2)
+        x2, out, d, x2.stride(0), d, BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl_launch(x2, rows)
     )
     return out

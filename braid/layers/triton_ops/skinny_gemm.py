@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid.layers.triton_ops.pdl import pdl_enabled, pdl_enter, pdl_launch, prefetch_l2
+from braid.layers.triton_ops.pdl import PDL_MAX_TOKENS, pdl_enabled, pdl_enter, pdl_launch, prefetch_l2
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _shared_memory_per_block() -> int:
 def _prefetch_k(x: torch.Tensor, k_per_split: int, config: SkinnyConfig) -> int:
     """Weight columns per row to pull into L2 before the PDL wait (BRAID_PDL=2): as many as the
     pipeline's first loads read, a power of two."""
-    if pdl_enabled(x) != 2:
+    if x.shape[0] > PDL_MAX_TOKENS or pdl_enabled(x) != 2:
         return 0
     first_loads = min(k_per_split, config.block_k * config.num_stages, 1024)
     return 1 << (first_loads.bit_length() - 1)
@@ -147,10 +147,10 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % config.block_k == 0,
         PREFETCH_K=_prefetch_k(x, k_per_split, config), PER_LINE=128 // weight.element_size(), num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl_launch(x))
+        **pdl_launch(x, m))
     if split > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, bias if bias is not None else part, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4, **pdl_launch(x))
+            BLOCK=block, num_warps=4, **pdl_launch(x, m))
     return out

@@ -12,6 +12,9 @@ import time
 import torch
 
 
+KERNEL_SWITCHES = ("BRAID_PDL", "BRAID_SKINNY_GEMM")
+
+
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +66,8 @@ def run_info() -> dict:
         "torch": torch.__version__,
         "git_commit": os.environ.get("BRAID_GIT_COMMIT") or git_commit(),
         "host": host_info(),
-        # Kernel switches read from the environment (BRAID_PDL, BRAID_SKINNY_GEMM, ...), for A/B runs.
-        "braid_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BRAID_") and k != "BRAID_GIT_COMMIT"},
+        # Kernel switches read from the environment, for A/B runs (named: never a secret like BRAID_API_KEY).
+        "braid_env": {k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ},
     }
     try:
         import triton

@@ -7,11 +7,13 @@ profile run covers the widest prefill and CUDA-graph capture covers the decode b
 the eager forwards here cover the rest: short prefills, whose tiles are picked by query
 length (attention's 16-row tile for at most 16 query rows per KV head; the skinny GEMM's
 16/32/64-row tiles), and, without CUDA graphs, decode batches of each size that changes a
-kernel choice (split-KV count, GEMM tile).
+kernel choice (split-KV count, GEMM tile, programmatic dependent launch on or off: a
+separate compile of every kernel).
 """
 from __future__ import annotations
 
 from braid.layers.attention.triton_backend import choose_num_splits
+from braid.layers.triton_ops.pdl import PDL_MAX_TOKENS
 from braid.layers.triton_ops.skinny_gemm import block_m_for
 
 # One request of each length: 2 picks the short-query attention tile and the 16-row GEMM
@@ -20,10 +22,10 @@ PREFILL_LENGTHS = (2, 32, 64)
 
 
 def decode_sizes(max_num_seqs: int, num_kv_heads: int) -> list[int]:
-    """The smallest decode batch of each (split-KV count, GEMM row tile) pair."""
-    firsts: dict[tuple[int, int], int] = {}
+    """The smallest decode batch of each (split-KV count, GEMM row tile, PDL) choice."""
+    firsts: dict[tuple[int, int, bool], int] = {}
     for rows in range(1, max_num_seqs + 1):
-        firsts.setdefault((choose_num_splits(1, rows, num_kv_heads), block_m_for(rows)), rows)
+        firsts.setdefault((choose_num_splits(1, rows, num_kv_heads), block_m_for(rows), rows <= PDL_MAX_TOKENS), rows)
     return sorted(firsts.values())
 
 

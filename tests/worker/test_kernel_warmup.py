@@ -4,13 +4,14 @@ import torch
 
 from braid import LLM, SamplingParams
 from braid.layers.attention.triton_backend import choose_num_splits
+from braid.layers.triton_ops.pdl import PDL_MAX_TOKENS
 from braid.layers.triton_ops.skinny_gemm import block_m_for
 from braid.worker.kernel_warmup import PREFILL_LENGTHS, decode_sizes, warm_up_batches
 from tests.tiny_checkpoints import make_tiny_checkpoint
 
 
-def _choice(rows: int, heads: int) -> tuple[int, int]:
-    return choose_num_splits(1, rows, heads), block_m_for(rows)
+def _choice(rows: int, heads: int) -> tuple[int, int, bool]:
+    return choose_num_splits(1, rows, heads), block_m_for(rows), rows <= PDL_MAX_TOKENS
 
 
 def test_decode_sizes_cover_every_kernel_choice_once():
@@ -19,7 +20,7 @@ def test_decode_sizes_cover_every_kernel_choice_once():
         chosen = {_choice(r, heads) for r in sizes}
         assert len(chosen) == len(sizes)  # one batch per choice
         assert chosen == {_choice(r, heads) for r in range(1, max_seqs + 1)}  # and every choice
-    assert decode_sizes(256, 8) == [1, 5, 9, 17, 33]
+    assert decode_sizes(256, 8) == [1, 5, 9, 17, 33, 65]  # 65: the first batch launched without PDL
 
 
 def test_warm_up_batches_respect_the_token_budget():

@@ -50,9 +50,17 @@ def _mode_for(device_index: int) -> int:
     return mode if mode and _device_supports_pdl(device_index) else 0
 
 
+def _interpreting() -> bool:
+    """Triton's interpreter (any spelling of TRITON_INTERPRET it accepts) has no PDL."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
 def pdl_enabled(t: torch.Tensor) -> int:
     """The PDL mode for kernels over `t` (0 on CPU, before Hopper, or with BRAID_PDL=0)."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if not t.is_cuda or _interpreting():
         return 0
     return _mode_for(t.device.index if t.device.index is not None else torch.cuda.current_device())
 

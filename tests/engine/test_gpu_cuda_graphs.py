@@ -107,13 +107,16 @@ def test_multi_step_compiles_nothing_after_start_up(tmp_path, monkeypatch, eager
     assert_pool_full(llm)
 
 
-def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_no_triton_compile_once_warm(tmp_path, monkeypatch, enforce_eager):
     """After one round of requests, batches of other sizes and prompt lengths (row counts of 1,
-    multiples of 16 and others; block tables of other widths) compile no Triton kernel: a
-    compile mid-run stalls the step for 0.2-0.8 s (layers/triton_ops/__init__.py)."""
+    multiples of 16 and others; block tables of other widths; decode batches over 64 rows, whose
+    kernels launch without PDL) compile no Triton kernel: a compile mid-run stalls the step for
+    0.2-0.8 s (layers/triton_ops/__init__.py)."""
     compiles = _record_compiles(monkeypatch)
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
-    llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=32)
+    llm = LLM(model, dtype="bfloat16", max_model_len=256, kv_cache_memory="1GiB", max_num_seqs=96,
+              enforce_eager=enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     g = torch.Generator().manual_seed(2)
 
@@ -124,7 +127,7 @@ def test_no_triton_compile_once_warm(tmp_path, monkeypatch):
 
     run(5, 2, 40)
     warm = len(compiles)
-    for n, lo, hi in ((1, 2, 3), (16, 32, 33), (17, 100, 140), (32, 2, 200)):
+    for n, lo, hi in ((1, 2, 3), (16, 32, 33), (17, 100, 140), (32, 2, 200), (80, 2, 20)):
         run(n, lo, hi)
     late = compiles[warm:]
     assert late == [], "\n".join(f"{name}: {spec}\n  warm: " + "\n  warm: ".join(

@@ -58,9 +58,9 @@ def test_each_pdl_kernel_waits_before_its_first_load(kernel):
         assert read not in before, f"{kernel.fn.__name__} touches memory before it waits for the previous kernel"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prefetch_width_is_a_power_of_two_within_the_split(pdl_env):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     pdl_env("2")
     x = torch.zeros(2, 4096, device="cuda")
     for k_per_split, config in ((4096, skinny_gemm.SkinnyConfig(block_k=128, num_stages=5)), (256, skinny_gemm.SkinnyConfig())):
@@ -69,6 +69,7 @@ def test_prefetch_width_is_a_power_of_two_within_the_split(pdl_env):
             assert width & (width - 1) == 0 and 64 <= width <= min(k_per_split, 1024)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_only_small_steps_launch_with_pdl(pdl_env):
     pdl_env("1")

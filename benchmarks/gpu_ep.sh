@@ -6,6 +6,7 @@
 #  dbo4: DBO off/on/auto with DP=4 x EP; dense Llama-3-70B TP=4 prefill off vs on.
 #  dboauto4: DP=4 x EP auto vs off/on (per-step decode timing) over NVLink, then with P2P off.
 #  dbo256nop2p: DP=4 x EP with P2P off, decode 256 only, 10 repeats.
+#  dbo70auto: dense Llama-3-70B TP=4 prefill 4096, off / on / auto, NVLink then P2P off.
 #  dboauto: auto vs off/on at decode 64/128/256 and prefill 4096, interleaved: DP=4 x EP over NVLink, then
 #       DP=2 x EP over NVLink (GPUs 0,1) and with peer-to-peer off (GPUs 2,3) side by side; logs (with auto's
 #       start-up table) under $OUT.
@@ -82,6 +83,18 @@ dbo256nop2p)
   timeout ${DBO_TIMEOUT:-280} python benchmarks/dbo_step.py --dp 4 --interleave --decode 256 --repeats 10 \
     --out "$out/dbo_step_dsv2lite_dp4_auto_nop2p_d256.json" > "$out/dbo_dp4_nop2p_d256.log" 2>&1
   grep -E "ms/step|rror" "$out/dbo_dp4_nop2p_d256.log" | grep -v Warning | tail -8
+  ;;
+dbo70auto)
+  # Dense Llama-3-70B shape, TP=4 prefill 4096: off / on / auto one after another (three 70B engines would
+  # not fit side by side), over NVLink and with P2P off
+  # (auto was never measured on the dense shape, where DBO pays without P2P: 0.79x).
+  export BRAID_LOG_LEVEL=INFO
+  for link in nvlink nop2p; do
+    [ $link = nop2p ] && export NCCL_P2P_DISABLE=1
+    timeout ${DBO_TIMEOUT:-280} python benchmarks/dbo_step.py --shape llama3-70b --dp 1 --tp 4 --ep 0 --modes off,on,auto \
+      --decode "" --prefill 4096 --out "$out/dbo_step_llama3_70b_tp4_auto_${link}.json" > "$out/dbo_70b_${link}.log" 2>&1
+    grep -E "ms/step|DBO auto policy|rror" "$out/dbo_70b_${link}.log" | grep -v Warning | grep -v "worker-[123]" | tail -6
+  done
   ;;
 dboauto)
   export BRAID_LOG_LEVEL=INFO  # workers log the auto policy's start-up table

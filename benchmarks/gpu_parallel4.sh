@@ -6,7 +6,7 @@
 #        PART: tests | pairs (the 2-GPU runs) | four (the 4-GPU runs) | pp4ms (PP=4 async with and without
 #        multi-step 8) | pp4layers (PP=4 async ms8: 4 vs 5 shares, even layers vs 9,8,8,7) | pp4partition
 #        (PP=4 async, even layers vs PP4_LAYERS, e.g. 21_20_20_19 for the 70B shape) | pp4shares (PP=4
-#        async, 4 vs 5 shares). Each part fits a
+#        async, 4 vs 5 shares) | pp4chunks (PP=4 async, 8192- vs 2048-token batches). Each part fits a
 #        10-minute call. TESTS_K: a pytest -k filter for the tests part; W1_REPEATS: W1 runs per engine.
 source benchmarks/gpu_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -39,6 +39,10 @@ for part in "$@"; do
                   tar czf "$out/trace_${shape}_pp4partition.tgz" -C /tmp "trace-$shape-pp4partition" ;;
     # PP=4 async with one share per stage and with a fifth share (fills hand-over gaps), traced for
     # the decode steady state.
+    # Smaller prefill chunks: with every stage as fast, a pipeline's fill and drain cost about
+    # (stages - 1) x its largest chunk's time per stage (~0.41 s at 8192 tokens for the 70B shape).
+    pp4chunks) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-chunk2048 pp4chunks
+               tar czf "$out/trace_${shape}_pp4chunks.tgz" -C /tmp "trace-$shape-pp4chunks" ;;
     pp4shares) w1 0,1,2,3 braid-pp4-async,braid-pp4-async-inflight5 pp4shares
                tar czf "$out/trace_${shape}_pp4shares.tgz" -C /tmp "trace-$shape-pp4shares" ;;
   esac
@@ -49,6 +53,6 @@ decode_busy() {  # per-stage busy in the decode steady state of every traced run
   done | tee "$out/decode_busy_${shape}_$1.txt"
 }
 for part in "$@"; do
-  case $part in pp4ms|pp4layers|pp4partition|pp4shares) decode_busy $part ;; esac
+  case $part in pp4ms|pp4layers|pp4partition|pp4shares|pp4chunks) decode_busy $part ;; esac
 done
 for f in "$out"/w1_"$shape"_*.log; do grep -E "floor|braid|Error|error" "$f" | grep -v Warning | tail -6; done

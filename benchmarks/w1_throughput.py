@@ -81,13 +81,15 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
 def braid_variant(engine: str) -> dict | None:
     """'braid', 'braid-async', 'braid-ms8', 'braid-async-ms16', 'braid-tp2-async', 'braid-pp2',
     'braid-pp2-inflight1' (one batch in the pipeline at a time), 'braid-pp2-eager',
-    'braid-pp4-async-layers9_8_8_7' (--pp-layer-partition 9,8,8,7), ... -> engine options (None: not braid)."""
+    'braid-pp4-async-layers9_8_8_7' (--pp-layer-partition 9,8,8,7), 'braid-pp4-async-chunk2048'
+    (--max-num-batched-tokens 2048; 8192 otherwise), ... -> engine options (None: not braid)."""
     parts = engine.split("-")
     if parts[0] != "braid":
         return None
     options = dict(async_scheduling=False, num_scheduler_steps=1, tensor_parallel_size=1, pipeline_parallel_size=1,
                    max_concurrent_batches=None, enforce_eager=False, data_parallel_size=1,
-                   enable_expert_parallel=False, enable_dbo=False, pp_layer_partition=None)
+                   enable_expert_parallel=False, enable_dbo=False, pp_layer_partition=None,
+                   max_num_batched_tokens=8192)
     for part in parts[1:]:
         if part == "async":
             options["async_scheduling"] = True
@@ -109,6 +111,8 @@ def braid_variant(engine: str) -> dict | None:
             options["enable_dbo"] = True
         elif part.startswith("layers"):  # layers per pipeline stage, '_'-separated
             options["pp_layer_partition"] = part[6:].replace("_", ",")
+        elif part.startswith("chunk") and part[5:].isdigit():  # tokens per batch (prefill chunk budget)
+            options["max_num_batched_tokens"] = int(part[5:])
         else:
             raise ValueError(f"--engines: unknown braid variant {engine!r}")
     return options
@@ -119,11 +123,11 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
               tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
               max_concurrent_batches: int | None = None, data_parallel_size: int = 1,
               enable_expert_parallel: bool = False, enable_dbo: bool = False,
-              pp_layer_partition: str | None = None) -> dict:
+              pp_layer_partition: str | None = None, max_num_batched_tokens: int = 8192) -> dict:
     from braid import LLM, SamplingParams
 
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=1024, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=8192, enable_prefix_caching=False, enforce_eager=enforce_eager,
+              max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False, enforce_eager=enforce_eager,
               trace_dir=trace_dir, async_scheduling=async_scheduling, num_scheduler_steps=num_scheduler_steps,
               tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
               max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
@@ -154,7 +158,7 @@ def run_braid(model_dir: str, prompts, output_len: int, max_num_seqs: int, enfor
                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                 max_concurrent_batches=max_concurrent_batches, data_parallel_size=data_parallel_size,
                 enable_expert_parallel=enable_expert_parallel, enable_dbo=enable_dbo, pp_layer_partition=pp_layer_partition, wasted_tokens=llm_stats_wasted,
-                max_num_seqs=max_num_seqs, trace_summary=busy)
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, trace_summary=busy)
 
 
 def run_hf(model_dir: str, prompts, output_len: int) -> dict:

@@ -44,12 +44,6 @@ def _device_supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-@functools.cache
-def _mode_for(device_index: int) -> int:
-    mode = pdl_mode()
-    return mode if mode and _device_supports_pdl(device_index) else 0
-
-
 def _interpreting() -> bool:
     """Triton's interpreter (any spelling of TRITON_INTERPRET it accepts) has no PDL."""
     knobs = getattr(triton, "knobs", None)
@@ -58,11 +52,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
+def _mode_for(device_index: int) -> int:
+    """Cached: eager steps ask once per kernel launch, hundreds of times a step."""
+    mode = pdl_mode()
+    return mode if mode and not _interpreting() and _device_supports_pdl(device_index) else 0
+
+
 def pdl_enabled(t: torch.Tensor) -> int:
     """The PDL mode for kernels over `t` (0 on CPU, before Hopper, or with BRAID_PDL=0)."""
-    if not t.is_cuda or _interpreting():
+    if not t.is_cuda:
         return 0
-    return _mode_for(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    index = t.device.index
+    return _mode_for(index if index is not None else torch.cuda.current_device())
 
 
 # Steps of at most this many tokens run all-Triton chains (the skinny GEMM's range). Larger
@@ -77,7 +79,7 @@ def pdl_launch(t: torch.Tensor, tokens: int) -> dict:
 
 
 def reset_cache() -> None:
-    """Re-read BRAID_PDL (tests)."""
+    """Re-read BRAID_PDL and the interpreter switch (tests)."""
     _mode_for.cache_clear()
 
 

@@ -43,7 +43,7 @@ def test_bad_value_names_the_variable(pdl_env):
 def test_cpu_tensors_launch_without_pdl(pdl_env):
     pdl_env("2")
     assert pdl.pdl_launch(torch.zeros(2), 1) == {"USE_PDL": False}
-    assert skinny_gemm._prefetch_k(torch.zeros(2), 4096, skinny_gemm.SkinnyConfig()) == 0
+    assert pdl.pdl_enabled(torch.zeros(2)) == 0
 
 
 @pytest.mark.parametrize("kernel", PDL_KERNELS, ids=lambda k: k.fn.__name__)
@@ -58,15 +58,11 @@ def test_each_pdl_kernel_waits_before_its_first_load(kernel):
         assert read not in before, f"{kernel.fn.__name__} touches memory before it waits for the previous kernel"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_prefetch_width_is_a_power_of_two_within_the_split(pdl_env):
-    pdl_env("2")
-    x = torch.zeros(2, 4096, device="cuda")
-    for k_per_split, config in ((4096, skinny_gemm.SkinnyConfig(block_k=128, num_stages=5)), (256, skinny_gemm.SkinnyConfig())):
-        width = skinny_gemm._prefetch_k(x, k_per_split, config)
-        if pdl.pdl_enabled(x):
-            assert width & (width - 1) == 0 and 64 <= width <= min(k_per_split, 1024)
+@pytest.mark.parametrize("k_per_split, block_k, stages, want", [(4096, 128, 5, 512), (4096, 256, 4, 1024),
+                                                                 (256, 256, 4, 256), (384, 128, 2, 256)])
+def test_prefetch_width_is_a_power_of_two_within_the_first_loads(k_per_split, block_k, stages, want):
+    config = skinny_gemm.SkinnyConfig(block_k=block_k, num_stages=stages)
+    assert skinny_gemm.prefetch_width(k_per_split, config) == want
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from braid.layers.triton_ops.pdl import PDL_MAX_TOKENS, pdl_enabled, pdl_enter, pdl_launch, prefetch_l2
+from braid.layers.triton_ops.pdl import pdl_enabled, pdl_enter, pdl_launch, prefetch_l2
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,9 @@ def _shared_memory_per_block() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
 
 
-def _prefetch_k(x: torch.Tensor, k_per_split: int, config: SkinnyConfig) -> int:
+def prefetch_width(k_per_split: int, config: SkinnyConfig) -> int:
     """Weight columns per row to pull into L2 before the PDL wait (BRAID_PDL=2): as many as the
     pipeline's first loads read, a power of two."""
-    if x.shape[0] > PDL_MAX_TOKENS or pdl_enabled(x) != 2:
-        return 0
     first_loads = min(k_per_split, config.block_k * config.num_stages, 1024)
     return 1 << (first_loads.bit_length() - 1)
 
@@ -141,16 +139,18 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     split = triton.cdiv(k, k_per_split)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m), split)
+    launch = pdl_launch(x, m)
+    prefetch_k = prefetch_width(k_per_split, config) if launch["USE_PDL"] and pdl_enabled(x) == 2 else 0
     _skinny_gemm_kernel[grid](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_N=n % config.block_n == 0, EVEN_K=k % k_per_split == 0 and k_per_split % config.block_k == 0,
-        PREFETCH_K=_prefetch_k(x, k_per_split, config), PER_LINE=128 // weight.element_size(), num_warps=config.num_warps, num_stages=config.num_stages,
-        **pdl_launch(x, m))
+        PREFETCH_K=prefetch_k, PER_LINE=128 // weight.element_size(), num_warps=config.num_warps,
+        num_stages=config.num_stages, **launch)
     if split > 1:
         block = 1024
         _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, bias if bias is not None else part, out, m * n, n, SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK=block, num_warps=4, **pdl_launch(x, m))
+            BLOCK=block, num_warps=4, **launch)
     return out

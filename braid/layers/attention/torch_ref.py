@@ -40,21 +40,30 @@ def causal_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of the last query_len positions of a sequence over all its seq_len positions."""
-    query_len, num_heads, _ = q.shape
+    """Attention of the last query_len positions of a sequence over all its seq_len positions.
+
+    Query head h reads kv head h // group. The group's heads are stacked as rows of one
+    matrix per kv head, so every product is one batched matmul over the kv heads (no
+    copy of the keys per query head): this runs once per request and layer on CPU.
+    """
+    query_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
-    keys = keys.repeat_interleave(group, dim=1).float()
-    values = values.repeat_interleave(group, dim=1).float()
-    scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale
-    q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
-    k_pos = torch.arange(seq_len, device=q.device)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed &= k_pos > q_pos - sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    # Rows of kv head j: (its query head g, query position i) at row g * query_len + i.
+    rows = q.float().view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    rows = rows.reshape(num_kv_heads, group * query_len, head_dim)
+    scores = torch.matmul(rows, keys.float().permute(1, 2, 0)) * scale  # [kv heads, rows, seq_len]
+    if query_len > 1 or sliding_window is not None:  # a lone last query sees every key
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device).repeat(group)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    out = torch.matmul(probs, values.float().permute(1, 0, 2))  # [kv heads, rows, head_dim]
+    out = out.view(num_kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
 
 
 class TorchReferenceBackend:

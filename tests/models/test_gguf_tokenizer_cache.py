@@ -51,9 +51,13 @@ def assert_same_tokenizer(a, b):
             assert ids == b.encode(text, add_special_tokens=special), (text, special)
             for skip in (True, False):
                 assert a.decode(ids, skip_special_tokens=skip) == b.decode(ids, skip_special_tokens=skip)
-    for prompt in (True, False):
-        render = dict(add_generation_prompt=prompt, tokenize=False)
-        assert a.apply_chat_template(CONVERSATION, **render) == b.apply_chat_template(CONVERSATION, **render)
+    # The detokenizer picks its path by clean_up_tokenization_spaces.
+    assert a.clean_up_tokenization_spaces == b.clean_up_tokenization_spaces
+    assert a.chat_template == b.chat_template
+    for conversation in (CONVERSATION, CONVERSATION[1:]):  # without a system turn the template adds one
+        for prompt in (True, False):
+            render = dict(add_generation_prompt=prompt, tokenize=False)
+            assert a.apply_chat_template(conversation, **render) == b.apply_chat_template(conversation, **render)
 
 
 def test_cached_tokenizer_is_the_converted_one(model_path, cache_root, monkeypatch):
@@ -61,6 +65,7 @@ def test_cached_tokenizer_is_the_converted_one(model_path, cache_root, monkeypat
     entry = gt.tokenizer_cache_dir(model_path)
     assert entry.startswith(str(cache_root)) and os.path.isfile(os.path.join(entry, "tokenizer.json"))
     assert not [n for n in os.listdir(os.path.dirname(entry)) if n.startswith(".staging-")]
+    assert os.stat(entry).st_mode & 0o055 == 0o055  # other users may read it
     assert converted.chat_template and "<|im_start|>" in converted.apply_chat_template(CONVERSATION, tokenize=False)
 
     monkeypatch.setattr(gt, "convert_gguf_tokenizer", _not_again)
@@ -85,6 +90,27 @@ def test_unwritable_cache_root_still_loads(model_path, tmp_path, monkeypatch):
     monkeypatch.setattr(gt, "convert_gguf_tokenizer", lambda path: sentinel)
     assert gt.load_gguf_tokenizer(model_path) is sentinel  # _save could not create the folder
     assert blocker.read_text() == "not a folder"
+
+
+def test_failed_save_leaves_no_staging_folder(model_path, cache_root, monkeypatch):
+    class Unsavable:
+        def save_pretrained(self, folder):
+            open(os.path.join(folder, "half"), "w").close()
+            raise TypeError("not serializable")
+
+    monkeypatch.setattr(gt, "convert_gguf_tokenizer", lambda path: Unsavable())
+    assert isinstance(gt.load_gguf_tokenizer(model_path), Unsavable)  # the cache is best effort
+    assert os.listdir(os.path.dirname(gt.tokenizer_cache_dir(model_path))) == []
+
+
+def test_no_cache_without_an_absolute_root(model_path, monkeypatch):
+    monkeypatch.delenv("BRAID_CACHE_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored: not absolute
+    monkeypatch.setenv("HOME", "not-absolute")
+    assert gt.cache_root() is None and gt.tokenizer_cache_dir(model_path) is None
+    sentinel = object()
+    monkeypatch.setattr(gt, "convert_gguf_tokenizer", lambda path: sentinel)
+    assert gt.load_gguf_tokenizer(model_path) is sentinel
 
 
 def test_cache_key_follows_the_file_and_the_root(tmp_path, monkeypatch):

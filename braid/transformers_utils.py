@@ -5,8 +5,9 @@ The default model is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the
 list without importing the package (its __init__ needs `llm`).
 
 Configs and tokenizers are cached per path (a GGUF file's converted tokenizer
-also on disk: models/loader/gguf_tokenizer.py). load_hf_config returns a fresh copy each call; load_tokenizer returns
-the shared cached tokenizer (do not mutate it).
+also on disk: models/loader/gguf_tokenizer.py). load_hf_config returns a fresh
+copy each call; load_tokenizer returns the shared cached tokenizer (do not
+mutate it).
 """
 from __future__ import annotations
 

@@ -56,8 +56,9 @@ def main() -> None:
     if args.braid_dir:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=braid_dir, capture_output=True,
                                             text=True).stdout.strip()
-    result = dict(info, benchmark="startup", braid_dir=braid_dir, model="SmolLM2-135M-Instruct.Q4_1.gguf (default)", device="cpu",
-                  cold_s=cold, warm_s=warm, cold_median_s=statistics.median(cold), warm_median_s=statistics.median(warm))
+    result = dict(info, benchmark="startup", braid_dir=braid_dir, device="cpu",
+                  model="SmolLM2-135M-Instruct.Q4_1.gguf (default)", cold_s=cold, warm_s=warm,
+                  cold_median_s=statistics.median(cold), warm_median_s=statistics.median(warm))
     write_result(args.out, result)
     print(f"LLM() in a fresh process: cold cache {statistics.median(cold):.2f} s, warm {statistics.median(warm):.2f} s "
           f"(medians of {args.repeats})")

@@ -42,10 +42,10 @@ class InputProcessor:
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams) -> tuple[str | None, EngineCoreRequest]:
         text, ids = self.tokenize(prompt)
         if not ids:
-            raise ValueError("the prompt is empty: it must contain at least one token")
+            raise ValueError("prompt is empty: it must contain at least one token")
         if len(ids) >= self.max_model_len:
             raise ValueError(
-                f"the prompt has {len(ids)} tokens, but the model's context is --max-model-len "
+                f"prompt has {len(ids)} tokens, but the model's context is --max-model-len "
                 f"{self.max_model_len} tokens, which must leave room for at least one output token"
             )
         bad = [t for t in ids if not 0 <= t < self.vocab_size]

@@ -138,7 +138,8 @@ def build_app(engine, args):
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
-            _, tokens = chats.render(body.messages, body.add_generation_prompt)
+            _, tokens = chats.render(body.messages, body.add_generation_prompt,
+                                     continue_final_message=body.continue_final_message)
         else:
             tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens)

@@ -33,6 +33,17 @@ class GuardMiddleware:
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of a rejected body: closing a socket that still holds
+        unread data resets the connection, and the client may never see the error.
+        Bounded, so that a huge upload is cut off after a while anyway."""
+        left = max(16 << 20, 2 * self.max_body_bytes)
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            left -= len(message.get("body", b""))
+
     async def _reject(self, send, error: APIError, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(error.body()).encode()
         raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -55,6 +66,7 @@ class GuardMiddleware:
             if not self._authorized(headers):
                 error = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
                                  code="invalid_api_key")
+                await self._drain(receive)
                 return await self._reject(send, error, {"www-authenticate": "Bearer"})
         too_large = APIError(413, f"The request body exceeds the server's limit of {self.max_body_bytes} bytes "
                                   f"(--max-request-body-bytes).", code="request_too_large")
@@ -65,6 +77,7 @@ class GuardMiddleware:
             except ValueError:
                 return await self._reject(send, bad_request("invalid Content-Length header"))
             if declared > self.max_body_bytes:
+                await self._drain(receive)
                 return await self._reject(send, too_large)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -76,6 +89,8 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive)
                 return await self._reject(send, too_large)
             chunks.append(chunk)
             if not message.get("more_body", False):

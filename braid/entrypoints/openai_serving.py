@@ -10,7 +10,15 @@ from typing import Any, AsyncIterator
 
 from pydantic import BaseModel, ValidationError
 
-from braid.entrypoints.protocol import MAX_LOGPROBS, ErrorInfo, ErrorResponse, UsageInfo
+from braid.entrypoints.protocol import (
+    MAX_LOGPROBS,
+    UNSUPPORTED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    UsageInfo,
+)
 from braid.errors import EngineDeadError
 from braid.sampling_params import SamplingParams
 
@@ -38,12 +46,15 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+# Names a ValueError's first word may be taken for: the request fields.
+_PARAMS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
+
+
 def from_value_error(e: ValueError) -> APIError:
     """Engine and SamplingParams errors start with the name of the offending field."""
     message = str(e)
     first = message.split(" ", 1)[0]
-    param = first if first.isidentifier() and first.islower() else None
-    return bad_request(message, param)
+    return bad_request(message, first if first in _PARAMS else None)
 
 
 def parse_json(model: type[BaseModel], raw: bytes) -> Any:
@@ -57,11 +68,23 @@ def parse_json(model: type[BaseModel], raw: bytes) -> Any:
             raise bad_request(f"malformed JSON body: {first['msg']}") from None
         if first["type"] == "model_type":
             raise bad_request("the request body must be a JSON object") from None
-        param = ".".join(str(p) for p in first["loc"]) or None
-        # Union fields report one error per alternative: name the field once.
+        # A union field reports one error per alternative, its loc ending in the alternative's
+        # type (stop.str, stop.list[str]): the param is the path all the errors share.
+        shared = _common_prefix([err["loc"] for err in errors]) or first["loc"][:1]
+        param = ".".join(str(p) for p in shared) or None
         fields = sorted({str(err["loc"][0]) for err in errors if err["loc"]})
         detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors[:4])
         raise bad_request(f"invalid request field(s) {', '.join(fields)}: {detail}", param) from None
+
+
+def _common_prefix(paths: list[tuple]) -> tuple:
+    prefix = paths[0]
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(path)) and prefix[n] == path[n]:
+            n += 1
+        prefix = prefix[:n]
+    return tuple(prefix)
 
 
 def sse(data: BaseModel | dict, exclude: set[str] | None = None) -> str:
@@ -101,6 +124,29 @@ class OpenAIServing:
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if request.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            value = (request.model_extra or {}).get(name)
+            if value is not None and value != neutral and value not in ([], {}, ""):
+                raise bad_request(f"{name} is not supported by braid", name)
+        if request.response_format is not None and request.response_format.type != "text":
+            raise bad_request(f"response_format type {request.response_format.type!r} is not supported "
+                              f"(only 'text')", "response_format")
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
+        k = request.truncate_prompt_tokens
+        if k is not None and k != -1 and k < 1:
+            raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {k}", "truncate_prompt_tokens")
+
+    def truncate(self, request, text: str, ids: list[int]) -> tuple[str, list[int]]:
+        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context)."""
+        k = request.truncate_prompt_tokens
+        if k is None:
+            return text, ids
+        k = self.max_model_len if k == -1 else k
+        if len(ids) <= k:
+            return text, ids
+        ids = ids[-k:]
+        return self.tokenizer.decode(ids), ids
 
     def max_tokens_for(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> int | None:
         """Check that the prompt and the requested output fit in the context (vLLM's message)."""

@@ -1,7 +1,8 @@
 """OpenAI API shapes: requests (validated by pydantic), responses, stream chunks, errors.
 
-Unknown request fields are accepted and ignored, as vLLM does; fields we do not
-support but that would change the result if ignored are rejected by the serving code.
+Unknown request fields are accepted and ignored, as vLLM does. The vLLM and OpenAI
+fields braid does not support, but that would change the result if ignored, are
+listed in UNSUPPORTED_FIELDS and rejected (unless given their neutral value).
 """
 from __future__ import annotations
 
@@ -48,9 +49,24 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
-    """Sampling fields shared by both endpoints (vLLM's names for the non-OpenAI ones)."""
+class ResponseFormat(_Request):
+    type: str
 
+
+# Field -> its neutral value. vLLM extensions (structured outputs, token filters, beam
+# search, priority scheduling) that braid lacks: given any other value, a request is a 400.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+    "structured_outputs": None, "allowed_token_ids": None, "bad_words": None, "logits_processors": None,
+    "use_beam_search": False, "length_penalty": 1.0, "priority": 0,
+}
+
+
+class _SamplingFields(_Request):
+    """Sampling fields shared by both endpoints (vLLM's names for the non-OpenAI ones).
+    Extra fields are kept (model_extra) so that UNSUPPORTED_FIELDS can be checked."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     n: int = 1
     temperature: float | None = None
@@ -71,15 +87,21 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extensions
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens; -1: as many as fit
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>"
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0 with echo: score the prompt only (vLLM)
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True
 
 
 class ChatMessage(BaseModel):
@@ -90,21 +112,19 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ResponseFormat(_Request):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the last (assistant) message open and extend it
+    add_special_tokens: bool = False  # the chat template has them already
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False  # vLLM: prepend the last message; not supported
 
 
 class TokenizeRequest(_Request):
@@ -113,6 +133,7 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(_Request):
@@ -154,10 +175,22 @@ class _ResponseHead(BaseModel):
     system_fingerprint: str | None = None
 
 
-class CompletionChoice(_ChoiceEnd):
+class PromptLogprob(BaseModel):
+    """One entry of vLLM's prompt_logprobs (token id -> this)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionStreamChoice(_ChoiceEnd):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(_ResponseHead):
@@ -195,6 +228,7 @@ class ChatCompletionResponse(_ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class ChatStreamChoice(_ChoiceEnd):
@@ -209,8 +243,10 @@ class ChatCompletionChunk(_ResponseHead):
     usage: UsageInfo | None = None
 
 
-class CompletionChunk(CompletionResponse):
-    """A streamed completions chunk: OpenAI gives it the response's shape and object name."""
+class CompletionChunk(_ResponseHead):
+    object: Literal["text_completion"] = "text_completion"  # as the whole response (OpenAI)
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
 
 
 class ModelCard(BaseModel):

@@ -14,6 +14,7 @@ from braid.entrypoints.openai_serving import (
     stream_error,
     usage,
 )
+from braid.entrypoints.logprob_shapes import chat_logprobs, prompt_logprobs
 from braid.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -23,25 +24,9 @@ from braid.entrypoints.protocol import (
     ChatMessage,
     ChatResponseMessage,
     ChatStreamChoice,
-    ChatTokenLogprob,
-    TopLogprob,
     now,
     random_id,
 )
-
-
-def chat_logprobs(tokenizer, token_ids: list[int], entries: list, top_n: int) -> ChatLogprobs:
-    content = []
-    for tid, entry in zip(token_ids, entries):
-        chosen = entry[tid]
-        token = chosen.decoded_token if chosen.decoded_token is not None else tokenizer.decode([tid])
-        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top_n),
-                     key=lambda lp: lp.rank)[:top_n]
-        content.append(ChatTokenLogprob(
-            token=token, logprob=chosen.logprob, bytes=list(token.encode("utf-8")),
-            top_logprobs=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob,
-                                     bytes=list((lp.decoded_token or "").encode("utf-8"))) for lp in top]))
-    return ChatLogprobs(content=content)
 
 
 def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
@@ -59,37 +44,54 @@ def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
 
 class OpenAIServingChat(OpenAIServing):
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               kwargs: dict[str, Any] | None = None) -> tuple[str, list[int]]:
+               kwargs: dict[str, Any] | None = None, *, continue_final_message: bool = False,
+               tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = False) -> tuple[str, list[int]]:
         """The chat template's text and its token ids (the template already has the special tokens)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
         if not messages:
             raise bad_request("messages must not be empty", "messages")
+        if continue_final_message and add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                              "continue_final_message")
         conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
         try:
             text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message, tools=tools,
                                                       tokenize=False, **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 - jinja errors (raise_exception, bad roles) are the input's fault
             raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    @staticmethod
+    def _check_tools(request: ChatCompletionRequest) -> None:
+        """Tools may be shown to the model (tool_choice "none"); braid parses no tool calls."""
+        choice = request.tool_choice
+        if choice is not None and choice != "none" and not request.tools:
+            raise bad_request("when tool_choice is given (other than 'none'), tools must be set", "tool_choice")
+        if request.tools and choice != "none":
+            raise bad_request("tool calls are not supported (braid has no tool-call parser); send tool_choice "
+                              "'none' to put the tools in the prompt and get plain text", "tool_choice")
 
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         model = self.check_model(request.model)
         self.check_common(request)
-        if request.response_format is not None and request.response_format.type != "text":
-            raise bad_request(f"response_format type {request.response_format.type!r} is not supported "
-                              f"(only 'text')", "response_format")
-        if request.tools:
-            raise bad_request("tools are not supported", "tools")
+        self._check_tools(request)
+        if request.echo:
+            raise bad_request("echo is not supported for chat completions", "echo")
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        text, ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs)
+        text, ids = self.render(request.messages, request.add_generation_prompt, request.chat_template_kwargs,
+                                continue_final_message=request.continue_final_message, tools=request.tools or None,
+                                add_special_tokens=request.add_special_tokens)
+        text, ids = self.truncate(request, text, ids)
         self.check_engine()
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         max_tokens = self.max_tokens_for(len(ids), max_tokens, param)
         top_n = request.top_logprobs or 0
-        params = self.sampling_params(request, max_tokens=max_tokens, logprobs=top_n if request.logprobs else None)
+        params = self.sampling_params(request, max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
+                                      prompt_logprobs=request.prompt_logprobs)
         request_id = random_id("chatcmpl")
         prompt = {"prompt": text, "prompt_token_ids": ids}
         self.validate_prompt(request_id, prompt, params)
@@ -101,7 +103,8 @@ class OpenAIServingChat(OpenAIServing):
     def _logprobs(self, request: ChatCompletionRequest, token_ids, entries) -> ChatLogprobs | None:
         if not request.logprobs:
             return None
-        return chat_logprobs(self.tokenizer, token_ids, entries or [], request.top_logprobs or 0)
+        return chat_logprobs(self.tokenizer, token_ids, entries or [], request.top_logprobs or 0,
+                             request.return_tokens_as_token_ids)
 
     async def _full(self, request, request_id: str, model: str, gen) -> ChatCompletionResponse:
         out = await final_output(gen)
@@ -112,8 +115,13 @@ class OpenAIServingChat(OpenAIServing):
             for c in out.outputs
         ]
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        scored = None
+        if request.prompt_logprobs is not None:
+            scored = prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
+                                     request.prompt_logprobs, request.return_tokens_as_token_ids)
         return ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices,
-                                      usage=usage(len(out.prompt_token_ids), completion_tokens))
+                                      usage=usage(len(out.prompt_token_ids), completion_tokens),
+                                      prompt_logprobs=scored)
 
     async def _stream(self, request, request_id: str, model: str, gen) -> AsyncIterator[str]:
         created = now()

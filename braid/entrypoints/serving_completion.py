@@ -13,52 +13,23 @@ from braid.entrypoints.openai_serving import (
     stream_error,
     usage,
 )
+from braid.entrypoints.logprob_shapes import completion_logprobs, end_offset, extend, prompt_logprobs
 from braid.entrypoints.protocol import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
     now,
     random_id,
 )
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], entries: list, start_offset: int = 0) -> CompletionLogprobs:
-    """Legacy logprobs of `token_ids`; an entry of None (the first prompt token) has no logprob."""
-    result = CompletionLogprobs()
-    offset = start_offset
-    for tid, entry in zip(token_ids, entries):
-        chosen = entry.get(tid) if entry else None
-        if chosen is None:
-            token = tokenizer.decode([tid])
-            result.token_logprobs.append(None)
-            result.top_logprobs.append(None)
-        else:
-            token = chosen.decoded_token if chosen.decoded_token is not None else tokenizer.decode([tid])
-            result.token_logprobs.append(chosen.logprob)
-            top: dict[str, float] = {}
-            for lp in entry.values():  # the sampled token first; tokens that decode alike keep the first
-                top.setdefault(lp.decoded_token or "", lp.logprob)
-            result.top_logprobs.append(top)
-        result.tokens.append(token)
-        result.text_offset.append(offset)
-        offset += len(token)
-    return result
-
-
-def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
-    return CompletionLogprobs(text_offset=a.text_offset + b.text_offset, token_logprobs=a.token_logprobs + b.token_logprobs,
-                              tokens=a.tokens + b.tokens, top_logprobs=a.top_logprobs + b.top_logprobs)
-
-
-def _end_offset(lp: CompletionLogprobs, start: int) -> int:
-    return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else start
-
-
 class OpenAIServingCompletion(OpenAIServing):
-    def _prompts(self, prompt) -> list[tuple[str, list[int]]]:
-        """Normalize the four prompt forms to (text, token ids) pairs."""
+    def _prompts(self, request: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """Normalize the four prompt forms to (text, token ids) pairs, truncated as asked."""
+        prompt = request.prompt
         if isinstance(prompt, str):
             items = [prompt]
         elif not prompt:
@@ -70,12 +41,13 @@ class OpenAIServingCompletion(OpenAIServing):
         result = []
         for item in items:
             if isinstance(item, str):
-                result.append((item, self.tokenizer.encode(item)))
+                text, ids = item, self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
             else:
                 vocab = self.engine.input_processor.vocab_size
                 if not item or any(not 0 <= t < vocab for t in item):
                     raise bad_request(f"prompt token ids must be in [0, {vocab}) and not empty", "prompt")
-                result.append((self.tokenizer.decode(item), list(item)))
+                text, ids = self.tokenizer.decode(item), list(item)
+            result.append(self.truncate(request, text, ids))
         return result
 
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -85,46 +57,69 @@ class OpenAIServingCompletion(OpenAIServing):
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of is not supported (it must equal n when given)", "best_of")
-        prompts = self._prompts(request.prompt)
+        prompts = self._prompts(request)
         self.check_engine()
         request_id = random_id("cmpl")
-        prompt_logprobs = request.logprobs if request.echo else None
+        # echo with max_tokens 0 scores the prompt (vLLM): one token is generated and dropped.
+        score_only = request.echo and request.max_tokens == 0
+        # The engine computes one top-n per prompt position; each response field trims to its own.
+        wanted = [n for n in (request.prompt_logprobs, request.logprobs if request.echo else None) if n is not None]
         inputs = []
         for i, (text, ids) in enumerate(prompts):
-            max_tokens = self.max_tokens_for(len(ids), request.max_tokens)
+            max_tokens = self.max_tokens_for(len(ids), 1 if score_only else request.max_tokens)
             params = self.sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs,
-                                          prompt_logprobs=prompt_logprobs)
+                                          prompt_logprobs=max(wanted) if wanted else None)
             engine_prompt = {"prompt": text, "prompt_token_ids": ids}
             self.validate_prompt(f"{request_id}-{i}", engine_prompt, params)
             inputs.append((f"{request_id}-{i}", engine_prompt, params))
         gens = [self.engine.generate(p, sp, rid) for rid, p, sp in inputs]
         texts = [text for text, _ in prompts]
         if request.stream:
-            return self._stream(request, request_id, model, gens, texts)
-        return await self._full(request, request_id, model, gens, texts)
+            return self._stream(request, request_id, model, gens, texts, score_only)
+        return await self._full(request, request_id, model, gens, texts, score_only)
 
-    def _echo_logprobs(self, out) -> CompletionLogprobs:
-        return completion_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs or [None])
+    def _echo_logprobs(self, request: CompletionRequest, out) -> CompletionLogprobs:
+        return completion_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs or [None],
+                                   top_n=request.logprobs, as_ids=request.return_tokens_as_token_ids)
 
-    async def _full(self, request: CompletionRequest, request_id: str, model: str, gens, texts) -> CompletionResponse:
+    def _logprobs(self, request: CompletionRequest, token_ids, entries, start: int) -> CompletionLogprobs:
+        return completion_logprobs(self.tokenizer, token_ids, entries or [], start,
+                                   top_n=request.logprobs, as_ids=request.return_tokens_as_token_ids)
+
+    @staticmethod
+    def _generated(c, score_only: bool):
+        """(text, token ids, logprobs, finish_reason, stop_reason) of a sample as answered:
+        a score-only request answers none of its one generated token."""
+        if score_only:
+            return "", [], [], "length" if c.finish_reason is not None else None, None
+        return c.text, c.token_ids, c.logprobs or [], c.finish_reason, c.stop_reason
+
+    async def _full(self, request: CompletionRequest, request_id: str, model: str, gens, texts,
+                    score_only: bool) -> CompletionResponse:
         outs = await final_outputs(gens)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, out in enumerate(outs):
             prompt_tokens += len(out.prompt_token_ids)
+            scored = None
+            if request.prompt_logprobs is not None:
+                scored = prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
+                                         request.prompt_logprobs, request.return_tokens_as_token_ids)
             for c in out.outputs:
-                completion_tokens += len(c.token_ids)
-                text = texts[i] + c.text if request.echo else c.text
+                text, token_ids, entries, finish_reason, stop_reason = self._generated(c, score_only)
+                completion_tokens += len(token_ids)
+                text = texts[i] + text if request.echo else text
                 logprobs = None
                 if request.logprobs is not None:
-                    prefix = self._echo_logprobs(out) if request.echo else CompletionLogprobs()
-                    logprobs = _extend(prefix, completion_logprobs(self.tokenizer, c.token_ids, c.logprobs or [],
-                                                                   _end_offset(prefix, 0)))
+                    prefix = self._echo_logprobs(request, out) if request.echo else CompletionLogprobs()
+                    logprobs = extend(prefix, self._logprobs(request, token_ids, entries, end_offset(prefix, 0)))
                 choices.append(CompletionChoice(index=i * request.n + c.index, text=text, logprobs=logprobs,
-                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                                prompt_logprobs=scored, finish_reason=finish_reason,
+                                                stop_reason=stop_reason))
         return CompletionResponse(id=request_id, created=now(), model=model, choices=choices,
                                   usage=usage(prompt_tokens, completion_tokens))
 
-    async def _stream(self, request: CompletionRequest, request_id: str, model: str, gens, texts) -> AsyncIterator[str]:
+    async def _stream(self, request: CompletionRequest, request_id: str, model: str, gens, texts,
+                      score_only: bool) -> AsyncIterator[str]:
         created, n = now(), request.n
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
@@ -144,27 +139,28 @@ class OpenAIServingCompletion(OpenAIServing):
                     first = index not in sent_text
                     if first and not (c.token_ids or c.finish_reason):
                         continue  # the prompt is still being processed
-                    delta = c.text[sent_text.get(index, 0):]
-                    new_ids = c.token_ids[sent_tokens.get(index, 0):]
+                    text, token_ids, entries, finish_reason, stop_reason = self._generated(c, score_only)
+                    delta = text[sent_text.get(index, 0):]
+                    new_ids = token_ids[sent_tokens.get(index, 0):]
                     logprobs = None
                     if request.logprobs is not None:
-                        prefix = self._echo_logprobs(out) if request.echo and first else CompletionLogprobs()
-                        start = _end_offset(prefix, offsets.get(index, 0))
-                        lp_new = (c.logprobs or [])[sent_tokens.get(index, 0):]
-                        logprobs = _extend(prefix, completion_logprobs(self.tokenizer, new_ids, lp_new, start))
-                        offsets[index] = _end_offset(logprobs, start)
+                        prefix = self._echo_logprobs(request, out) if request.echo and first else CompletionLogprobs()
+                        start = end_offset(prefix, offsets.get(index, 0))
+                        lp_new = entries[sent_tokens.get(index, 0):]
+                        logprobs = extend(prefix, self._logprobs(request, new_ids, lp_new, start))
+                        offsets[index] = end_offset(logprobs, start)
                     if request.echo and first:
                         delta = texts[i] + delta
-                    if not delta and not new_ids and c.finish_reason is None and not first:
+                    if not delta and not new_ids and finish_reason is None and not first:
                         continue
-                    sent_text[index] = len(c.text)
-                    sent_tokens[index] = len(c.token_ids)
-                    if c.finish_reason is not None:
+                    sent_text[index] = len(text)
+                    sent_tokens[index] = len(token_ids)
+                    if finish_reason is not None:
                         finished.add(index)
-                        completion_tokens[index] = len(c.token_ids)
-                    chunk = CompletionChunk(id=request_id, created=created, model=model, choices=[CompletionChoice(
-                        index=index, text=delta, logprobs=logprobs, finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason)])
+                        completion_tokens[index] = len(token_ids)
+                    chunk = CompletionChunk(id=request_id, created=created, model=model, choices=[
+                        CompletionStreamChoice(index=index, text=delta, logprobs=logprobs,
+                                               finish_reason=finish_reason, stop_reason=stop_reason)])
                     yield sse(chunk, exclude)
             if include_usage:
                 total = usage(sum(prompt_tokens.values()), sum(completion_tokens.values()))

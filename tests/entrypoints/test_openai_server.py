@@ -16,9 +16,13 @@ MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"))
-    srv = RemoteServer(path, "--served-model-name", MODEL, "other-name", "--max-model-len", str(MAX_MODEL_LEN),
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    srv = RemoteServer(checkpoint, "--served-model-name", MODEL, "other-name", "--max-model-len", str(MAX_MODEL_LEN),
                        "--device", "cpu", "--dtype", "float32")
     yield srv
     srv.stop()
@@ -180,6 +184,96 @@ def test_echo(server, client):
     streamed = "".join(c.choices[0].text for c in _complete(client, max_tokens=4, echo=True, stream=True,
                                                              extra_body={"ignore_eos": True}))
     assert streamed == choice.text
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(server, client):
+    """vLLM's echo-only scoring: the prompt and its logprobs, nothing generated."""
+    scored = _complete(client, max_tokens=0, echo=True, logprobs=2)
+    generated = _complete(client, max_tokens=4, echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    n_prompt = len(_tokenize(server, prompt=PROMPT))
+    (choice,) = scored.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert scored.usage.prompt_tokens == n_prompt and scored.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == generated.choices[0].logprobs.tokens[:n_prompt]
+    assert choice.logprobs.token_logprobs == generated.choices[0].logprobs.token_logprobs[:n_prompt]
+    chunks = list(_complete(client, max_tokens=0, echo=True, logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
+    with pytest.raises(openai.BadRequestError):
+        _complete(client, max_tokens=0)  # without echo there is nothing to return
+
+
+def test_prompt_logprobs(server, client):
+    ids = _tokenize(server, prompt=PROMPT)
+    echo = _complete(client, max_tokens=1, echo=True, logprobs=1).choices[0].logprobs
+    r = _complete(client, max_tokens=2, extra_body={"prompt_logprobs": 2})
+    scored = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for i, (tid, entry) in enumerate(zip(ids[1:], scored[1:]), start=1):
+        entry = {int(k): v for k, v in entry.items()}
+        assert tid in entry and entry[tid]["logprob"] == pytest.approx(echo.token_logprobs[i])
+        assert sorted(v["rank"] for v in entry.values() if v["rank"] <= 2) == [1, 2] and len(entry) <= 3
+        best = next(v for v in entry.values() if v["rank"] == 1)
+        assert best["logprob"] == pytest.approx(max(v["logprob"] for v in entry.values()))
+    chat = _chat(client, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    chat_scored = chat.model_extra["prompt_logprobs"]
+    assert len(chat_scored) == chat.usage.prompt_tokens and chat_scored[0] is None
+    assert all(len(e) == 1 and next(iter(e.values()))["logprob"] <= 0 for e in chat_scored[1:])
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server, client):
+    ids = _tokenize(server, prompt=PROMPT)
+    r = _complete(client, max_tokens=6, extra_body={"truncate_prompt_tokens": 3})
+    assert r.usage.prompt_tokens == 3
+    assert r.choices[0].text == _complete(client, prompt=ids[-3:], max_tokens=6).choices[0].text
+    chat = _chat(client, max_tokens=6, extra_body={"truncate_prompt_tokens": 4})
+    assert chat.usage.prompt_tokens == 4
+    chat_ids = _tokenize(server, messages=MESSAGES)
+    assert chat.choices[0].message.content == _complete(client, prompt=chat_ids[-4:], max_tokens=6).choices[0].text
+    # -1: as much as the context holds (this prompt is shorter: unchanged).
+    assert _complete(client, max_tokens=2, extra_body={"truncate_prompt_tokens": -1}).usage.prompt_tokens == len(ids)
+
+
+def test_continue_final_message_matches_transformers(server, client, checkpoint):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Write a story."}, {"role": "assistant", "content": "Once upon a"}]
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    expected = hf.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                      tokenize=False)
+    ids = _tokenize(server, messages=messages, add_generation_prompt=False, continue_final_message=True)
+    assert ids == hf.encode(expected, add_special_tokens=False)
+    assert hf.decode(ids).endswith("Once upon a")  # the turn is left open
+    r = _chat(client, messages=messages, max_tokens=6,
+              extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == _complete(client, prompt=ids, max_tokens=6).choices[0].text
+
+
+def test_tools_with_tool_choice_none_go_into_the_template(client, checkpoint):
+    from transformers import AutoTokenizer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    text = hf.apply_chat_template(MESSAGES, tools=tools, add_generation_prompt=True, tokenize=False)
+    r = _chat(client, max_tokens=4, tools=tools, tool_choice="none")
+    assert r.usage.prompt_tokens == len(hf.encode(text, add_special_tokens=False))
+    assert r.choices[0].message.content
+
+
+def test_return_tokens_as_token_ids(server, client):
+    r = _complete(client, max_tokens=5, logprobs=2, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    detok = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert detok == r.choices[0].text
+    assert all(all(k.startswith("token_id:") for k in top) for top in lp.top_logprobs)
+    chat = _chat(client, max_tokens=3, logprobs=True, top_logprobs=1,
+                 extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:")
+               for e in chat.choices[0].logprobs.content)
 
 
 def test_prompt_forms(server, client):

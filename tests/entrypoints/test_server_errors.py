@@ -65,15 +65,27 @@ COMPLETION_CASES = {
     "top_k out of range": ({"top_k": -3}, "top_k"),
     "n zero": ({"n": 0}, "n"),
     "logprobs too many": ({"logprobs": 1000}, "logprobs"),
-    "prompt wrong type": ({"prompt": 5}, None),
+    "prompt wrong type": ({"prompt": 5}, "prompt"),
+    "prompt empty string": ({"prompt": ""}, "prompt"),
     "prompt empty list": ({"prompt": []}, "prompt"),
     "prompt token out of vocab": ({"prompt": [1, 2, 10**6]}, "prompt"),
     "negative token id": ({"prompt": [-1]}, "prompt"),
-    "stop wrong type": ({"stop": 7}, None),
+    "stop wrong type": ({"stop": 7}, "stop"),
     "stop_token_ids out of vocab": ({"stop_token_ids": [10**6]}, "stop_token_ids"),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
     "suffix": ({"suffix": "!"}, "suffix"),
     "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
+    # vLLM extensions braid lacks: never silently ignored
+    "guided_choice": ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+    "guided_json": ({"guided_json": {"type": "object"}}, "guided_json"),
+    "structured_outputs": ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
+    "allowed_token_ids": ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+    "bad_words": ({"bad_words": ["the"]}, "bad_words"),
+    "beam search": ({"use_beam_search": True}, "use_beam_search"),
+    "priority": ({"priority": 3}, "priority"),
+    "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
+    "truncate_prompt_tokens zero": ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    "echo with negative max_tokens": ({"echo": True, "max_tokens": -1}, "max_tokens"),
     "prompt + max_tokens over the context": ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
     "prompt longer than the context": ({"prompt": "hello " * 400}, "prompt"),
     "min_tokens over max_tokens": ({"min_tokens": 10, "max_tokens": 2}, "min_tokens"),
@@ -99,7 +111,12 @@ CHAT_CASES = {
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "top_logprobs too many": ({"logprobs": True, "top_logprobs": 99}, "logprobs"),
     "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "tools with tool calls": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    "tool_choice required without tools": ({"tool_choice": "required"}, "tool_choice"),
+    "continue_final_message with a generation prompt": ({"continue_final_message": True}, "continue_final_message"),
+    "chat echo": ({"echo": True}, "echo"),
+    "guided_regex": ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    "prompt_logprobs streamed": ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     "negative max_completion_tokens": ({"max_completion_tokens": -5}, "max_completion_tokens"),
     "max_tokens over the context": ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
     "frequency_penalty out of range": ({"frequency_penalty": 3}, "frequency_penalty"),
@@ -111,6 +128,13 @@ def test_bad_chat_requests_are_400(server, case):
     fields, param = CHAT_CASES[case]
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
     _assert_error(_post(server, "/v1/chat/completions", body), 400, param)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "use_beam_search": False, "priority": 0,
+            "bad_words": [], "length_penalty": 1.0, "guided_json": None, "response_format": {"type": "text"}}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("raw", [b"{\"model\": ", b"not json", b"", b"[1, 2]", b"\"a string\"", b"\xff\xfe"])
@@ -158,6 +182,11 @@ def test_routes_outside_v1_need_no_key(server):
 def test_oversized_body_is_413(server):
     big = {"model": MODEL, "prompt": "x" * (BODY_LIMIT + 10), "max_tokens": 2}
     _assert_error(_post(server, "/v1/completions", big), 413)
+    # Far over the limit, the client is still sending when the server answers: the server
+    # reads the rest before closing, or the connection is reset and the 413 lost (now and then).
+    huge = json.dumps({**big, "prompt": "x" * (64 * BODY_LIMIT)}).encode()
+    for _ in range(20):
+        _assert_error(_post(server, "/v1/completions", huge), 413)
     # Without Content-Length (chunked upload), the cap counts the bytes as they arrive.
     data = json.dumps(big).encode()
 

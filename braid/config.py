@@ -55,6 +55,12 @@ class ModelConfig:
     max_model_len: int
     tokenizer: str | None = None
     seed: int = 0
+    generation_config: str = "auto"  # where default sampling parameters come from (generation_defaults)
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        from braid.generation_defaults import load_sampling_defaults
+
+        return load_sampling_defaults(self.model, self.generation_config)
 
     @property
     def num_layers(self) -> int:

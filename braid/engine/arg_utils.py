@@ -37,6 +37,7 @@ def parse_size(text: str | int) -> int:
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
+    generation_config: str = "auto"
     dtype: str = "auto"
     load_format: str = "auto"
     max_model_len: int | None = None
@@ -78,6 +79,9 @@ class EngineArgs:
         else:
             parser.add_argument("--model", default=None, help="Hugging Face folder or .gguf file")
         parser.add_argument("--tokenizer", default=None)
+        parser.add_argument("--generation-config", default="auto",
+                            help="default sampling parameters of requests that leave them unset: 'auto' (the "
+                                 "model folder's generation_config.json), 'vllm' (library defaults), or a folder")
         parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
         parser.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS))
         parser.add_argument("--max-model-len", type=int, default=None)
@@ -166,8 +170,11 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         from braid.transformers_utils import load_hf_config, resolve_model_path
 
+        from braid.generation_defaults import validate_generation_config
+
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        validate_generation_config(self.generation_config)
         model_path = resolve_model_path(self.model)
         hf_config = load_hf_config(model_path)
         device = self._device()
@@ -227,6 +234,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 tokenizer=self.tokenizer,
                 seed=self.seed,
+                generation_config=self.generation_config,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,

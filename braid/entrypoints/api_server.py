@@ -21,6 +21,18 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's contents, or the value itself when it is a template."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # neither a file nor a Jinja template: most likely a mistyped path
+        raise ValueError(f"--chat-template: no such file, and not a Jinja template: {value!r}")
+    return value
+
+
 def served_model_names(args) -> list[str]:
     names = getattr(args, "served_model_name", None)
     if names:
@@ -63,8 +75,9 @@ def build_app(engine, args):
     from braid.entrypoints.serving_completion import OpenAIServingCompletion
 
     names = served_model_names(args)
-    completions = OpenAIServingCompletion(engine, names)
-    chats = OpenAIServingChat(engine, names)
+    defaults = engine.config.model.sampling_defaults()
+    completions = OpenAIServingCompletion(engine, names, defaults)
+    chats = OpenAIServingChat(engine, names, defaults, load_chat_template(getattr(args, "chat_template", None)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -211,6 +224,7 @@ async def _serve(args) -> None:
     from braid.observe.metrics import EngineMetrics
 
     names = served_model_names(args)
+    load_chat_template(args.chat_template)  # a bad --chat-template fails before the engine starts
     sock = _bind(args.host, args.port)
     try:
         engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), metrics=EngineMetrics(names[0]))
@@ -247,6 +261,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer <key>' on /v1 routes (or set BRAID_API_KEY)")
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                         help="larger request bodies get HTTP 413")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template, or a file holding one, used instead of the tokenizer's")
     parser.add_argument("--uvicorn-log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     EngineArgs.add_cli_args(parser, model_positional=True)

@@ -28,6 +28,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate/chat use when given no sampling_params: the model's
+        generation_config.json values over the library defaults (--generation-config)."""
+        return SamplingParams(**self.llm_engine.config.model.sampling_defaults())
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -40,7 +45,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -99,11 +99,13 @@ SSE_DONE = "data: [DONE]\n\n"
 class OpenAIServing:
     """Shared state of the endpoints: the engine and the names it is served under."""
 
-    def __init__(self, engine, served_model_names: list[str]) -> None:
+    def __init__(self, engine, served_model_names: list[str], sampling_defaults: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.served_model_names = list(served_model_names)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        # What a request leaves unset (the model's generation_config.json; generation_defaults).
+        self.sampling_defaults = dict(sampling_defaults or {})
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
@@ -170,20 +172,21 @@ class OpenAIServing:
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
 
-        def pick(value, default):
-            return default if value is None else value
+        def pick(name: str, library_default):
+            value = getattr(request, name)
+            return self.sampling_defaults.get(name, library_default) if value is None else value
 
         try:
             return SamplingParams(
                 n=request.n,
-                temperature=pick(request.temperature, 1.0),
-                top_p=pick(request.top_p, 1.0),
-                top_k=pick(request.top_k, 0),
-                min_p=pick(request.min_p, 0.0),
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
                 seed=request.seed,
-                presence_penalty=pick(request.presence_penalty, 0.0),
-                frequency_penalty=pick(request.frequency_penalty, 0.0),
-                repetition_penalty=pick(request.repetition_penalty, 1.0),
+                presence_penalty=pick("presence_penalty", 0.0),
+                frequency_penalty=pick("frequency_penalty", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
                 max_tokens=max_tokens,
                 min_tokens=request.min_tokens,
                 stop=request.stop,

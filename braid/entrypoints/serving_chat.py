@@ -43,12 +43,19 @@ def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine, served_model_names: list[str], sampling_defaults: dict[str, Any] | None = None,
+                 chat_template: str | None = None) -> None:
+        super().__init__(engine, served_model_names, sampling_defaults)
+        # --chat-template: used instead of the tokenizer's own.
+        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                kwargs: dict[str, Any] | None = None, *, continue_final_message: bool = False,
                tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = False) -> tuple[str, list[int]]:
         """The chat template's text and its token ids (the template already has the special tokens)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
+        if not self.chat_template:
+            raise bad_request("this model's tokenizer has no chat template (give one with --chat-template); "
+                              "use /v1/completions instead", "messages")
         if not messages:
             raise bad_request("messages must not be empty", "messages")
         if continue_final_message and add_generation_prompt:
@@ -58,6 +65,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
                                                       continue_final_message=continue_final_message, tools=tools,
+                                                      chat_template=self.chat_template,
                                                       tokenize=False, **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 - jinja errors (raise_exception, bad roles) are the input's fault
             raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
@@ -88,6 +96,9 @@ class OpenAIServingChat(OpenAIServing):
         self.check_engine()
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        if max_tokens is None and "max_tokens" in self.sampling_defaults and len(ids) < self.max_model_len:
+            # The model's max_new_tokens, as far as the context allows (else: the rest of the context).
+            max_tokens = min(self.sampling_defaults["max_tokens"], self.max_model_len - len(ids))
         max_tokens = self.max_tokens_for(len(ids), max_tokens, param)
         top_n = request.top_logprobs or 0
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,

@@ -32,7 +32,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
             declared = _DTYPES.get(declared)
         return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
     if dtype not in _DTYPES:
-        raise ValueError(f"--dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+        raise ValueError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
 
 
@@ -56,6 +56,7 @@ class ModelConfig:
     tokenizer: str | None = None
     seed: int = 0
     generation_config: str = "auto"  # where default sampling parameters come from (generation_defaults)
+    max_logprobs: int = 20  # most top-n logprobs a request may ask for; -1: the vocabulary
 
     def sampling_defaults(self) -> dict[str, Any]:
         from braid.generation_defaults import load_sampling_defaults

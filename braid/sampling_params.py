@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 GREEDY_EPS = 1e-5
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to users
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -34,7 +38,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))) or any(not isinstance(s, str) for s in self.stop or []):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))) or any(
+                not _is_int(t) for t in self.stop_token_ids or []):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
@@ -48,13 +57,13 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(name, f"must be a finite number, got {value!r}")
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             fail("n", f"must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
             fail("temperature", f"must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             fail("top_k", f"must be 0 or -1 (off) or a positive integer, got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             fail("min_p", f"must be in [0, 1], got {self.min_p}")
@@ -64,17 +73,17 @@ class SamplingParams:
             fail("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         if self.repetition_penalty <= 0:
             fail("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.min_tokens < 0:
-            fail("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            fail("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            fail("logprobs", f"must be >= 0, got {self.logprobs}")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            fail("prompt_logprobs", f"must be >= 0, got {self.prompt_logprobs}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                fail(name, f"must be an integer >= 0, got {value!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             fail("seed", f"must be a 64-bit integer, got {self.seed!r}")
         if any(not s for s in self.stop):
             fail("stop", "must not contain empty strings")

@@ -71,7 +71,10 @@ def _load_hf_config(path: str, mtime: float):
 
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ValueError(f"model folder {path} has no config.json")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # malformed JSON, unknown model_type, ...
+        raise ValueError(f"cannot read the model config {os.path.join(path, 'config.json')}: {e}") from None
 
 
 def load_hf_config(model_path: str):

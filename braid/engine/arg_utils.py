@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from dataclasses import dataclass, fields
 
@@ -18,6 +19,8 @@ from braid.config import (
     SchedulerConfig,
     resolve_dtype,
 )
+
+logger = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -38,10 +41,11 @@ class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
     generation_config: str = "auto"
+    max_logprobs: int = 20
     dtype: str = "auto"
     load_format: str = "auto"
     max_model_len: int | None = None
-    seed: int = 0
+    seed: int | None = 0
     device: str = "auto"
     attention_backend: str = "auto"
     block_size: int = 16
@@ -82,8 +86,10 @@ class EngineArgs:
         parser.add_argument("--generation-config", default="auto",
                             help="default sampling parameters of requests that leave them unset: 'auto' (the "
                                  "model folder's generation_config.json), 'vllm' (library defaults), or a folder")
-        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
         parser.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS))
+        parser.add_argument("--max-logprobs", type=int, default=20,
+                            help="most logprobs / prompt_logprobs a request may ask for (-1: the vocabulary)")
         parser.add_argument("--max-model-len", type=int, default=None)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -167,6 +173,18 @@ class EngineArgs:
             raise ValueError(f"--device must be auto, cpu or cuda; got {self.device!r}")
         return torch.device("cuda", 0) if self.device == "cuda" else torch.device("cpu")
 
+    def _seed(self) -> int:
+        """--seed: an integer in [0, 2**63); None draws one (every rank then shares it)."""
+        if self.seed is None:
+            import secrets
+
+            seed = secrets.randbits(32)
+            logger.info("--seed not set: using %d", seed)
+            return seed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        return self.seed
+
     def create_engine_config(self) -> EngineConfig:
         from braid.transformers_utils import load_hf_config, resolve_model_path
 
@@ -175,13 +193,16 @@ class EngineArgs:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         validate_generation_config(self.generation_config)
+        seed = self._seed()
+        if self.max_logprobs < -1:
+            raise ValueError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
         model_path = resolve_model_path(self.model)
         hf_config = load_hf_config(model_path)
         device = self._device()
         dtype = resolve_dtype(self.dtype, hf_config, device)
 
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        max_model_len = self.max_model_len or max_pos
+        max_model_len = max_pos if self.max_model_len is None else self.max_model_len
         if max_model_len < 2:
             raise ValueError(f"--max-model-len must be >= 2, got {max_model_len}")
         if max_model_len > max_pos:
@@ -233,8 +254,9 @@ class EngineArgs:
                 load_format=self.load_format,
                 max_model_len=max_model_len,
                 tokenizer=self.tokenizer,
-                seed=self.seed,
+                seed=seed,
                 generation_config=self.generation_config,
+                max_logprobs=self.max_logprobs,
             ),
             cache=CacheConfig(
                 block_size=self.block_size,

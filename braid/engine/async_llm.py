@@ -36,7 +36,8 @@ class AsyncLLM:
         model_config = self.config.model
         self.tokenizer = load_tokenizer(model_config.model, model_config.tokenizer)
         eos = get_eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer)
-        self.input_processor = InputProcessor(self.tokenizer, model_config.max_model_len, model_config.vocab_size, eos)
+        self.input_processor = InputProcessor(self.tokenizer, model_config.max_model_len, model_config.vocab_size, eos,
+                                              model_config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.metrics = metrics
         self.latest_stats = SchedulerStats()

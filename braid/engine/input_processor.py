@@ -18,15 +18,24 @@ def _token_ids(ids) -> list[int]:
     return list(ids)
 
 
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
 class InputProcessor:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: list[int],
+                 max_logprobs: int = 20) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
+        self.max_logprobs = vocab_size if max_logprobs == -1 else max_logprobs  # --max-logprobs
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            unknown = sorted(k for k, v in prompt.items() if k not in _PROMPT_KEYS and v is not None)
+            if unknown:  # e.g. multi_modal_data: dropping it would answer a different question
+                raise ValueError(f"prompt keys {unknown} are not supported (only {', '.join(_PROMPT_KEYS)}: "
+                                 f"braid serves text-only models)")
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -55,8 +64,9 @@ class InputProcessor:
             raise ValueError(f"stop_token_ids must be integers in [0, {self.vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
-            if n is not None and n > self.vocab_size:
-                raise ValueError(f"{name} ({n}) exceeds the vocabulary size ({self.vocab_size})")
+            if n is not None and n > min(self.max_logprobs, self.vocab_size):
+                raise ValueError(f"{name} ({n}) exceeds --max-logprobs ({self.max_logprobs}; -1 allows the "
+                                 f"vocabulary, {self.vocab_size})")
         params = copy.copy(params)
         params.eos_token_ids = list(self.eos_token_ids)
         room = self.max_model_len - len(ids)

@@ -36,7 +36,7 @@ class LLMEngine:
         eos = get_eos_token_ids(config.model.model, config.model.hf_config, self.tokenizer)
         self.engine_core = make_engine_core(config)
         self.input_processor = InputProcessor(
-            self.tokenizer, config.model.max_model_len, config.model.vocab_size, eos)
+            self.tokenizer, config.model.max_model_len, config.model.vocab_size, eos, config.model.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.last_stats: SchedulerStats | None = None
 

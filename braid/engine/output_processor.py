@@ -183,6 +183,8 @@ class OutputProcessor:
         if stopped_on_token and not params.include_stop_str_in_output:
             text_ids = text_ids[:-1]  # the EOS / stop token itself adds no text
         added = sample.detokenizer.add_tokens(text_ids)
+        if len(sample.token_ids) <= params.min_tokens:
+            return False  # min_tokens holds stop strings back too (as vLLM: only text added after them counts)
         stop_str = sample.detokenizer.check_stop_strings(params.stop, len(added), params.include_stop_str_in_output)
         if stop_str is not None:
             sample.finish_reason, sample.stop_reason = "stop", stop_str

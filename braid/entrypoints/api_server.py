@@ -21,6 +21,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
+
+
 def load_chat_template(value: str | None) -> str | None:
     """--chat-template: a file's contents, or the value itself when it is a template."""
     if value is None:
@@ -71,13 +78,17 @@ def build_app(engine, args):
         TokenizeRequest,
         TokenizeResponse,
     )
+    from braid.entrypoints.chat_utils import check_chat_template
     from braid.entrypoints.serving_chat import OpenAIServingChat
     from braid.entrypoints.serving_completion import OpenAIServingCompletion
 
     names = served_model_names(args)
     defaults = engine.config.model.sampling_defaults()
+    chat_template = load_chat_template(getattr(args, "chat_template", None))
+    if chat_template is not None:
+        check_chat_template(engine.tokenizer, chat_template)
     completions = OpenAIServingCompletion(engine, names, defaults)
-    chats = OpenAIServingChat(engine, names, defaults, load_chat_template(getattr(args, "chat_template", None)))
+    chats = OpenAIServingChat(engine, names, defaults, chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -253,7 +264,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from braid.engine.arg_utils import EngineArgs
 
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="name(s) the model answers to (default: the model path, or "
                              f"{DEFAULT_MODEL_NAME} for the default model)")
@@ -261,6 +272,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer <key>' on /v1 routes (or set BRAID_API_KEY)")
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                         help="larger request bodies get HTTP 413")
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="accepted for vLLM command lines: braid does not log request contents anyway")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template, or a file holding one, used instead of the tokenizer's")
     parser.add_argument("--uvicorn-log-level", default="warning",

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from braid.engine.arg_utils import EngineArgs
 from braid.engine.input_processor import PromptType
 from braid.engine.llm_engine import LLMEngine
+from braid.entrypoints.chat_utils import render_chat
 from braid.outputs import RequestOutput
 from braid.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        if prompts is None:
+            raise ValueError("prompts must be a prompt or a list of prompts, got None")
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -70,16 +73,20 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
+        """Generate replies to one conversation or several, through the chat template (as the
+        server's chat endpoint: text content parts are joined; bad messages are a ValueError)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tokenizer = self.get_tokenizer()
         prompts = []
         for conversation in conversations:
-            text = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=False)
-            # The template already holds the special tokens it wants.
-            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+            text, ids = render_chat(self.get_tokenizer(), conversation, chat_template=chat_template,
+                                    add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message, tools=tools,
+                                    chat_template_kwargs=chat_template_kwargs)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -98,6 +105,9 @@ class LLM:
                         finished[output.request_id] = output
                         if bar is not None:
                             bar.update(1)
+        except BaseException:  # e.g. Ctrl-C: the unfinished requests must not run on in later calls
+            self.llm_engine.abort_request(sorted(pending))
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -11,7 +11,6 @@ from typing import Any, AsyncIterator
 from pydantic import BaseModel, ValidationError
 
 from braid.entrypoints.protocol import (
-    MAX_LOGPROBS,
     UNSUPPORTED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
@@ -168,10 +167,7 @@ class OpenAIServing:
 
     def sampling_params(self, request, *, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise bad_request(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
-
+        # Their upper bound (--max-logprobs) is the engine's check, in validate_prompt.
         def pick(name: str, library_default):
             value = getattr(request, name)
             return self.sampling_defaults.get(name, library_default) if value is None else value

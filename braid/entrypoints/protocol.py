@@ -12,9 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The most top-n logprobs a request may ask for (vLLM's default --max-logprobs).
-MAX_LOGPROBS = 20
-
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

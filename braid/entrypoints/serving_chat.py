@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
+from braid.entrypoints.chat_utils import ChatInputError, render_chat
 from braid.entrypoints.openai_serving import (
     SSE_DONE,
     OpenAIServing,
@@ -29,19 +30,6 @@ from braid.entrypoints.protocol import (
 )
 
 
-def _message_dict(message: ChatMessage, i: int) -> dict[str, Any]:
-    content = message.content
-    if isinstance(content, list):  # content parts: only text is supported
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"messages[{i}].content: only text content parts are supported, "
-                                  f"got type {part.get('type')!r}", f"messages.{i}.content")
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    return {**(message.model_extra or {}), "role": message.role, "content": content if content is not None else ""}
-
-
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine, served_model_names: list[str], sampling_defaults: dict[str, Any] | None = None,
                  chat_template: str | None = None) -> None:
@@ -52,24 +40,14 @@ class OpenAIServingChat(OpenAIServing):
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                kwargs: dict[str, Any] | None = None, *, continue_final_message: bool = False,
                tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = False) -> tuple[str, list[int]]:
-        """The chat template's text and its token ids (the template already has the special tokens)."""
-        if not self.chat_template:
-            raise bad_request("this model's tokenizer has no chat template (give one with --chat-template); "
-                              "use /v1/completions instead", "messages")
-        if not messages:
-            raise bad_request("messages must not be empty", "messages")
-        if continue_final_message and add_generation_prompt:
-            raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
-                              "continue_final_message")
-        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        """The chat template's text and its token ids; bad messages are a 400."""
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message, tools=tools,
-                                                      chat_template=self.chat_template,
-                                                      tokenize=False, **(kwargs or {}))
-        except Exception as e:  # noqa: BLE001 - jinja errors (raise_exception, bad roles) are the input's fault
-            raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
-        return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return render_chat(self.tokenizer, messages, chat_template=self.chat_template,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, tools=tools,
+                               chat_template_kwargs=kwargs, add_special_tokens=add_special_tokens)
+        except ChatInputError as e:
+            raise bad_request(str(e), e.param) from None
 
     @staticmethod
     def _check_tools(request: ChatCompletionRequest) -> None:

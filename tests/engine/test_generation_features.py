@@ -52,6 +52,18 @@ def test_stop_string_cuts_the_text(llm):
     assert_pool_full(llm)
 
 
+def test_min_tokens_holds_stop_strings_back(llm):
+    """vLLM's rule: a stop string counts only in text added after the first min_tokens tokens."""
+    full = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True)
+    early = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True, stop=[","])
+    assert early.finish_reason == "stop" and len(early.token_ids) < 6
+    held = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=20, ignore_eos=True, stop=[","], min_tokens=6)
+    assert held.finish_reason == "stop" and len(held.token_ids) > 6
+    assert held.token_ids == full.token_ids[:len(held.token_ids)]
+    assert full.text.startswith(held.text) and "," in held.text  # the earlier commas did not stop it
+    assert_pool_full(llm)
+
+
 def test_stop_token_ids_min_tokens_and_max_tokens(llm):
     full = _text(llm, "1, 2, 3, 4, 5,", temperature=0, max_tokens=10, ignore_eos=True)
     stop_id = full.token_ids[3]
@@ -90,3 +102,29 @@ def test_max_tokens_none_runs_to_the_context_limit(llm):
     out = llm.generate(list(range(1, 240)), SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 256 - 239 and out.finish_reason == "length"
+
+
+def test_chat_takes_what_the_server_takes(llm):
+    """LLM.chat: text content parts, continue_final_message, tools and template kwargs, rendered
+    as transformers renders them (the same code as the server's chat endpoint)."""
+    tok = llm.get_tokenizer()
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = [{"role": "user", "content": "Hi there\nHow are you?"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi there"}, {"type": "text", "text": "How are you?"}]}]
+    a, b = llm.chat(plain, greedy, use_tqdm=False)[0], llm.chat(parts, greedy, use_tqdm=False)[0]
+    assert a.prompt_token_ids == b.prompt_token_ids and a.outputs[0].token_ids == b.outputs[0].token_ids
+    with pytest.raises(ValueError, match="text content parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], greedy)
+
+    story = [{"role": "user", "content": "Tell a story."}, {"role": "assistant", "content": "Once upon a"}]
+    out = llm.chat(story, greedy, add_generation_prompt=False, continue_final_message=True, use_tqdm=False)[0]
+    expected = tok.apply_chat_template(story, add_generation_prompt=False, continue_final_message=True, tokenize=False)
+    assert out.prompt == expected and expected.rstrip().endswith("Once upon a")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(story, greedy, continue_final_message=True)  # with add_generation_prompt (default True)
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    with_tools = llm.chat(plain, greedy, tools=tools, use_tqdm=False)[0]
+    assert with_tools.prompt == tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert_pool_full(llm)

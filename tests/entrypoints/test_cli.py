@@ -20,8 +20,13 @@ def test_chat_reads_turns_from_stdin():
     assert "Paris" in r.stdout
 
 
-def test_bad_flag_value_is_a_clear_error():
+def test_bad_flag_value_is_a_clear_error(tmp_path):
     r = _braid("generate", "hi", "--max-tokens", "0")
     assert r.returncode == 2 and "max_tokens" in r.stderr
     r = _braid("generate", "hi", "--model", "/no/such/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = _braid("serve", "--port", "70000")
+    assert r.returncode == 2 and "--port" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')  # malformed JSON
+    r = _braid("generate", "hi", "--model", str(tmp_path))
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr, r.stderr

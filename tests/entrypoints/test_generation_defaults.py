@@ -104,9 +104,11 @@ def test_server_uses_the_given_chat_template(server, checkpoint):
     assert chat.usage.prompt_tokens == len(expected)
 
 
-def test_a_missing_chat_template_file_is_a_clear_error(checkpoint):
+@pytest.mark.parametrize("template", ["no/such/template.jinja", "{% for %}"])
+def test_a_bad_chat_template_is_a_clear_error(checkpoint, template):
+    """A missing file, or a template that does not compile: the server does not start."""
     r = subprocess.run([sys.executable, "-m", "braid.entrypoints.cli", "serve", checkpoint, "--device", "cpu",
-                        "--chat-template", "no/such/template.jinja", "--port", "0"],
+                        "--chat-template", template, "--port", "0"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+import braid
 from braid.engine.arg_utils import EngineArgs
 
 
@@ -94,6 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braid", description="braid LLM inference engine")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--version", action="version", version=f"braid {braid.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one prompt and print the result")

@@ -128,3 +128,22 @@ def test_chat_takes_what_the_server_takes(llm):
     with_tools = llm.chat(plain, greedy, tools=tools, use_tqdm=False)[0]
     assert with_tools.prompt == tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=False)
     assert_pool_full(llm)
+
+
+def test_use_tqdm_may_be_the_progress_bar_class(llm):
+    """As in vLLM: use_tqdm=<a tqdm-like class> is used for the bar."""
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.total, self.done, self.closed = kwargs["total"], 0, False
+            made.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    llm.generate(["a", "b"], SamplingParams(max_tokens=2), use_tqdm=Bar)
+    assert [(b.total, b.done, b.closed) for b in made] == [(2, 2, True)]

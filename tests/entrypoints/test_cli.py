@@ -25,6 +25,8 @@ def test_bad_flag_value_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "max_tokens" in r.stderr
     r = _braid("generate", "hi", "--model", "/no/such/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+    r = _braid("--version")
+    assert r.returncode == 0 and r.stdout.startswith("braid ")
     r = _braid("serve", "--port", "70000")
     assert r.returncode == 2 and "--port" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "config.json").write_text('{"model_type": "llama",')  # malformed JSON

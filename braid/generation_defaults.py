@@ -8,6 +8,8 @@ import logging
 import os
 from typing import Any
 
+from braid.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 # generation_config.json key -> SamplingParams field, with transformers' GenerationConfig
@@ -43,11 +45,17 @@ def load_sampling_defaults(model_path: str, generation_config: str = "auto") -> 
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"--generation-config: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--generation-config: {path} must hold a JSON object")
     defaults = {}
     for key, (field, hf_default) in _KEYS.items():
         value = data.get(key)
         if value is not None and value != hf_default:
             defaults[field] = value
+    try:  # a bad value is the model's fault: say so now, not in every request's error
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"--generation-config: {path} holds an invalid default: {e}") from None
     if defaults:
         logger.info("default sampling parameters from %s: %s (--generation-config vllm ignores them)", path, defaults)
     return defaults

@@ -49,9 +49,10 @@ def render_chat(tokenizer, messages: Sequence[Any], *, chat_template: str | None
                 tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                 add_special_tokens: bool = False) -> tuple[str, list[int]]:
     """The chat template's text and its token ids (the template already holds the special
-    tokens it wants, so none are added by default). Bad input is a ChatInputError."""
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
+    tokens it wants, so none are added by default). Bad input is a ChatInputError.
+    chat_template overrides the tokenizer's; otherwise transformers picks the tokenizer's
+    (which may be several named templates, e.g. "default" and "tool_use")."""
+    if not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise ChatInputError("this model's tokenizer has no chat template (give one with --chat-template or "
                              "chat_template=); use a plain prompt instead", "messages")
     if not messages:
@@ -61,7 +62,7 @@ def render_chat(tokenizer, messages: Sequence[Any], *, chat_template: str | None
                              "continue_final_message")
     conversation = template_messages(messages)
     try:
-        text = tokenizer.apply_chat_template(conversation, chat_template=template,
+        text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
                                              add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tools=tools,
                                              tokenize=False, **(chat_template_kwargs or {}))

@@ -16,6 +16,10 @@ from braid.entrypoints.openai_serving import APIError, bad_request
 logger = logging.getLogger(__name__)
 
 
+# How long a rejected request's remaining body is read before the connection is closed anyway.
+DRAIN_TIMEOUT_S = 5.0
+
+
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
@@ -33,16 +37,27 @@ class GuardMiddleware:
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
-    async def _drain(self, receive) -> None:
+    async def _drain(self, receive, headers: dict[bytes, bytes]) -> None:
         """Read and drop the rest of a rejected body: closing a socket that still holds
         unread data resets the connection, and the client may never see the error.
-        Bounded, so that a huge upload is cut off after a while anyway."""
-        left = max(16 << 20, 2 * self.max_body_bytes)
-        while left > 0:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-            left -= len(message.get("body", b""))
+        Bounded in bytes and time, so a huge or stalled upload is cut off anyway; and
+        skipped for 'Expect: 100-continue', whose client has not sent the body yet
+        (reading would invite it to)."""
+        if headers.get(b"expect", b"").lower() == b"100-continue":
+            return
+
+        async def drop() -> None:
+            left = max(16 << 20, 2 * self.max_body_bytes)
+            while left > 0:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                left -= len(message.get("body", b""))
+
+        try:
+            await asyncio.wait_for(drop(), DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _reject(self, send, error: APIError, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(error.body()).encode()
@@ -66,7 +81,7 @@ class GuardMiddleware:
             if not self._authorized(headers):
                 error = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
                                  code="invalid_api_key")
-                await self._drain(receive)
+                await self._drain(receive, headers)
                 return await self._reject(send, error, {"www-authenticate": "Bearer"})
         too_large = APIError(413, f"The request body exceeds the server's limit of {self.max_body_bytes} bytes "
                                   f"(--max-request-body-bytes).", code="request_too_large")
@@ -77,7 +92,7 @@ class GuardMiddleware:
             except ValueError:
                 return await self._reject(send, bad_request("invalid Content-Length header"))
             if declared > self.max_body_bytes:
-                await self._drain(receive)
+                await self._drain(receive, headers)
                 return await self._reject(send, too_large)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -90,7 +105,7 @@ class GuardMiddleware:
             total += len(chunk)
             if total > self.max_body_bytes:
                 if message.get("more_body", False):
-                    await self._drain(receive)
+                    await self._drain(receive, headers)
                 return await self._reject(send, too_large)
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -25,6 +25,7 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._ids = itertools.count()
+        self._sampling_defaults = self.llm_engine.config.model.sampling_defaults()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -32,7 +33,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate/chat use when given no sampling_params: the model's
         generation_config.json values over the library defaults (--generation-config)."""
-        return SamplingParams(**self.llm_engine.config.model.sampling_defaults())
+        return SamplingParams(**self._sampling_defaults)
 
     def generate(
         self,
@@ -61,8 +62,8 @@ class LLM:
                 request_id = str(next(self._ids))
                 self.llm_engine.add_request(request_id, prompt, params)
                 request_ids.append(request_id)
-        except Exception:
-            self.llm_engine.abort_request(request_ids)  # all or nothing
+        except BaseException:
+            self.llm_engine.abort_request(request_ids)  # all or nothing (also on Ctrl-C)
             raise
         return self._run(request_ids, use_tqdm)
 
@@ -94,12 +95,12 @@ class LLM:
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
         bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            make_bar = use_tqdm if callable(use_tqdm) else tqdm
-            bar = make_bar(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
         try:
+            if use_tqdm:
+                from tqdm.auto import tqdm
+
+                make_bar = use_tqdm if callable(use_tqdm) else tqdm
+                bar = make_bar(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True)
             while pending:
                 for output in self.llm_engine.step(final_only=True):
                     if output.finished and output.request_id in pending:

@@ -69,10 +69,11 @@ def chat_logprobs(tokenizer, token_ids: list[int], entries: list, top_n: int, as
     return ChatLogprobs(content=content)
 
 
-def prompt_logprobs(tokenizer, token_ids: list[int], entries: list | None, top_n: int,
-                    as_ids: bool = False) -> list[dict[int, PromptLogprob] | None]:
+def prompt_logprobs(tokenizer, token_ids: list[int], entries: list | None,
+                    top_n: int) -> list[dict[int, PromptLogprob] | None]:
     """vLLM's prompt_logprobs: per prompt token (None for the first), the token's own
-    logprob and the top_n alternatives, keyed by token id."""
+    logprob and the top_n alternatives, keyed by token id (so decoded_token stays text
+    even with return_tokens_as_token_ids, as in vLLM)."""
     result: list[dict[int, PromptLogprob] | None] = []
     for tid, entry in zip(token_ids, entries or []):
         if not entry or tid not in entry:
@@ -80,6 +81,6 @@ def prompt_logprobs(tokenizer, token_ids: list[int], entries: list | None, top_n
             continue
         kept = dict([(tid, entry[tid])] + top_entries(entry, top_n))
         result.append({other: PromptLogprob(logprob=lp.logprob, rank=lp.rank,
-                                            decoded_token=token_name(tokenizer, other, lp.decoded_token, as_ids))
+                                            decoded_token=token_name(tokenizer, other, lp.decoded_token, False))
                        for other, lp in kept.items()})
     return result

@@ -125,32 +125,38 @@ class OpenAIServing:
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if request.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+        extra = request.model_extra or {}
         for name, neutral in UNSUPPORTED_FIELDS.items():
-            value = (request.model_extra or {}).get(name)
-            if value is not None and value != neutral and value not in ([], {}, ""):
+            if name in extra and not any(extra[name] == v and type(extra[name]) is type(v) for v in neutral):
                 raise bad_request(f"{name} is not supported by braid", name)
         if request.response_format is not None and request.response_format.type != "text":
             raise bad_request(f"response_format type {request.response_format.type!r} is not supported "
                               f"(only 'text')", "response_format")
-        if request.prompt_logprobs is not None and request.stream:
+        if request.prompt_logprobs and request.stream:  # as vLLM: 0 passes (and streams nothing)
             raise bad_request("prompt_logprobs is not available when stream is true", "prompt_logprobs")
         k = request.truncate_prompt_tokens
         if k is not None and k != -1 and k < 1:
             raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {k}", "truncate_prompt_tokens")
 
-    def truncate(self, request, text: str, ids: list[int]) -> tuple[str, list[int]]:
-        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context)."""
+    def truncate(self, request, text: str, ids: list[int], plain_ids: list[int] | None = None) -> tuple[str, list[int]]:
+        """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context).
+        plain_ids: a text prompt's ids without the special tokens the tokenizer adds (BOS...):
+        those stay, as the tokenizer's own left truncation keeps them."""
         k = request.truncate_prompt_tokens
         if k is None:
             return text, ids
         k = self.max_model_len if k == -1 else k
         if len(ids) <= k:
             return text, ids
-        ids = ids[-k:]
+        ids = ids[-k:] if plain_ids is None else _truncate_keeping_specials(ids, plain_ids, k)
         return self.tokenizer.decode(ids), ids
 
     def max_tokens_for(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> int | None:
-        """Check that the prompt and the requested output fit in the context (vLLM's message)."""
+        """Check that the prompt and the requested output fit in the context (vLLM's message).
+        No max_tokens: the model's max_new_tokens (generation_config.json) as far as the
+        context allows, else None (the rest of the context)."""
+        if max_tokens is None and "max_tokens" in self.sampling_defaults and num_prompt_tokens < self.max_model_len:
+            max_tokens = min(self.sampling_defaults["max_tokens"], self.max_model_len - num_prompt_tokens)
         if max_tokens is not None and max_tokens < 1:
             raise bad_request(f"{param} must be at least 1, got {max_tokens}", param)
         if num_prompt_tokens >= self.max_model_len:
@@ -202,6 +208,15 @@ class OpenAIServing:
             self.engine.validate(request_id, prompt, params)
         except ValueError as e:
             raise from_value_error(e) from None
+
+
+def _truncate_keeping_specials(ids: list[int], plain: list[int], k: int) -> list[int]:
+    """The last k tokens of `ids` = specials + `plain` + specials, keeping the specials."""
+    extra = len(ids) - len(plain)
+    if k <= extra or extra < 0:
+        return ids[-k:]
+    lead = next((i for i in range(extra + 1) if ids[i:i + len(plain)] == plain), 0)
+    return ids[:lead] + plain[len(plain) - (k - extra):] + ids[lead + len(plain):]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:

@@ -50,12 +50,16 @@ class ResponseFormat(_Request):
     type: str
 
 
-# Field -> its neutral value. vLLM extensions (structured outputs, token filters, beam
-# search, priority scheduling) that braid lacks: given any other value, a request is a 400.
-UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "guided_json": None, "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-    "structured_outputs": None, "allowed_token_ids": None, "bad_words": None, "logits_processors": None,
-    "use_beam_search": False, "length_penalty": 1.0, "priority": 0,
+# Field -> the values that ask for nothing. vLLM extensions braid lacks (structured
+# outputs, token filters, beam search, priority scheduling, per-request templates,
+# embeddings as input): any other value is a 400, since ignoring it would change the answer.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    **dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+                     "structural_tag", "chat_template", "prompt_embeds", "logits_processors"), (None,)),
+    **dict.fromkeys(("allowed_token_ids", "bad_words", "documents"), (None, [])),
+    "use_beam_search": (None, False),
+    "priority": (None, 0),
+    "spaces_between_special_tokens": (None, True),
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 from braid.entrypoints.chat_utils import ChatInputError, render_chat
 from braid.entrypoints.openai_serving import (
     SSE_DONE,
+    APIError,
     OpenAIServing,
     bad_request,
     final_output,
@@ -34,8 +35,7 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine, served_model_names: list[str], sampling_defaults: dict[str, Any] | None = None,
                  chat_template: str | None = None) -> None:
         super().__init__(engine, served_model_names, sampling_defaults)
-        # --chat-template: used instead of the tokenizer's own.
-        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.chat_template = chat_template  # --chat-template: used instead of the tokenizer's own
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                kwargs: dict[str, Any] | None = None, *, continue_final_message: bool = False,
@@ -74,16 +74,18 @@ class OpenAIServingChat(OpenAIServing):
         self.check_engine()
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        if max_tokens is None and "max_tokens" in self.sampling_defaults and len(ids) < self.max_model_len:
-            # The model's max_new_tokens, as far as the context allows (else: the rest of the context).
-            max_tokens = min(self.sampling_defaults["max_tokens"], self.max_model_len - len(ids))
         max_tokens = self.max_tokens_for(len(ids), max_tokens, param)
         top_n = request.top_logprobs or 0
         params = self.sampling_params(request, max_tokens=max_tokens, logprobs=top_n if request.logprobs else None,
-                                      prompt_logprobs=request.prompt_logprobs)
+                                      prompt_logprobs=None if request.stream else request.prompt_logprobs)
         request_id = random_id("chatcmpl")
         prompt = {"prompt": text, "prompt_token_ids": ids}
-        self.validate_prompt(request_id, prompt, params)
+        try:
+            self.validate_prompt(request_id, prompt, params)
+        except APIError as e:  # chat's top-n is top_logprobs (the engine calls it logprobs)
+            if e.param == "logprobs":
+                e.param = "top_logprobs"
+            raise
         gen = self.engine.generate(prompt, params, request_id)
         if request.stream:
             return self._stream(request, request_id, model, gen)
@@ -107,7 +109,7 @@ class OpenAIServingChat(OpenAIServing):
         scored = None
         if request.prompt_logprobs is not None:
             scored = prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
-                                     request.prompt_logprobs, request.return_tokens_as_token_ids)
+                                     request.prompt_logprobs)
         return ChatCompletionResponse(id=request_id, created=now(), model=model, choices=choices,
                                       usage=usage(len(out.prompt_token_ids), completion_tokens),
                                       prompt_logprobs=scored)

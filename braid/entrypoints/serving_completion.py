@@ -40,14 +40,17 @@ class OpenAIServingCompletion(OpenAIServing):
             items = list(prompt)
         result = []
         for item in items:
+            plain = None
             if isinstance(item, str):
                 text, ids = item, self.tokenizer.encode(item, add_special_tokens=request.add_special_tokens)
+                if request.truncate_prompt_tokens is not None and request.add_special_tokens:
+                    plain = self.tokenizer.encode(item, add_special_tokens=False)
             else:
                 vocab = self.engine.input_processor.vocab_size
                 if not item or any(not 0 <= t < vocab for t in item):
                     raise bad_request(f"prompt token ids must be in [0, {vocab}) and not empty", "prompt")
                 text, ids = self.tokenizer.decode(item), list(item)
-            result.append(self.truncate(request, text, ids))
+            result.append(self.truncate(request, text, ids, plain))
         return result
 
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -63,7 +66,8 @@ class OpenAIServingCompletion(OpenAIServing):
         # echo with max_tokens 0 scores the prompt (vLLM): one token is generated and dropped.
         score_only = request.echo and request.max_tokens == 0
         # The engine computes one top-n per prompt position; each response field trims to its own.
-        wanted = [n for n in (request.prompt_logprobs, request.logprobs if request.echo else None) if n is not None]
+        asked = None if request.stream else request.prompt_logprobs
+        wanted = [n for n in (asked, request.logprobs if request.echo else None) if n is not None]
         inputs = []
         for i, (text, ids) in enumerate(prompts):
             max_tokens = self.max_tokens_for(len(ids), 1 if score_only else request.max_tokens)
@@ -103,7 +107,7 @@ class OpenAIServingCompletion(OpenAIServing):
             scored = None
             if request.prompt_logprobs is not None:
                 scored = prompt_logprobs(self.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
-                                         request.prompt_logprobs, request.return_tokens_as_token_ids)
+                                         request.prompt_logprobs)
             for c in out.outputs:
                 text, token_ids, entries, finish_reason, stop_reason = self._generated(c, score_only)
                 completion_tokens += len(token_ids)

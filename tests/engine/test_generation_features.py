@@ -125,8 +125,10 @@ def test_chat_takes_what_the_server_takes(llm):
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                                 "parameters": {"type": "object", "properties": {}}}}]
-    with_tools = llm.chat(plain, greedy, tools=tools, use_tqdm=False)[0]
-    assert with_tools.prompt == tok.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=False)
+    template = "{% for t in tools %}[{{ t['function']['name'] }}] {% endfor %}{{ messages[-1]['content'] }}"
+    with_tools = llm.chat(plain, greedy, tools=tools, chat_template=template, use_tqdm=False)[0]
+    assert with_tools.prompt == "[get_weather] " + plain[0]["content"]
+    assert with_tools.prompt == tok.apply_chat_template(plain, tools=tools, chat_template=template, tokenize=False)
     assert_pool_full(llm)
 
 

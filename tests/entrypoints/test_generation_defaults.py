@@ -1,4 +1,5 @@
-"""--generation-config (the model's sampling defaults) and --chat-template, offline and served."""
+"""--generation-config (the model's sampling defaults) and --chat-template (a template that
+also renders tools), offline and served."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from tests.tiny_checkpoints import make_tiny_checkpoint
 MODEL = "tiny"
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Hello world! How are you today?"}]
-TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+TEMPLATE = ("{% if tools %}[tools]{% for t in tools %} {{ t['function']['name'] }}{% endfor %}\n{% endif %}"
+            "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {}}}}]
 
 
 def _write_generation_config(folder, **values) -> None:
@@ -44,9 +48,10 @@ def test_sampling_defaults_from_the_file(checkpoint, tmp_path):
     assert load_sampling_defaults(str(tmp_path / "model.gguf")) == {}  # a GGUF file has none
     with pytest.raises(ValueError, match="--generation-config"):
         load_sampling_defaults(checkpoint, str(tmp_path / "missing"))
-    (other / "generation_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="--generation-config"):
-        load_sampling_defaults(checkpoint, str(other))
+    for bad in ("{not json", "[1, 2]", '{"top_p": 0}'):  # malformed, not an object, an invalid value
+        (other / "generation_config.json").write_text(bad)
+        with pytest.raises(ValueError, match="--generation-config"):
+            load_sampling_defaults(checkpoint, str(other))
 
 
 def test_offline_generate_uses_the_model_defaults(checkpoint):
@@ -85,6 +90,9 @@ def test_server_requests_take_the_model_defaults(server):
     longer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=7,
                                             extra_body={"ignore_eos": True})
     assert longer.usage.completion_tokens == 7
+    # Completions without max_tokens (null) take max_new_tokens too (vLLM, both endpoints).
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": None, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 5
     samples = {client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=s,
                                          extra_body={"ignore_eos": True}).choices[0].text for s in range(4)}
     assert len(samples) > 1
@@ -112,3 +120,17 @@ def test_a_bad_chat_template_is_a_clear_error(checkpoint, template):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_tools_with_tool_choice_none_go_into_the_template(server, checkpoint):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(checkpoint)
+    text = hf.apply_chat_template(MESSAGES, tools=TOOLS, chat_template=TEMPLATE, add_generation_prompt=True,
+                                  tokenize=False)
+    assert text.startswith("[tools] get_weather")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="none")
+    assert r.usage.prompt_tokens == len(hf.encode(text, add_special_tokens=False))
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert plain.usage.prompt_tokens < r.usage.prompt_tokens

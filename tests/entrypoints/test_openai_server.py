@@ -250,18 +250,6 @@ def test_continue_final_message_matches_transformers(server, client, checkpoint)
     assert r.choices[0].message.content == _complete(client, prompt=ids, max_tokens=6).choices[0].text
 
 
-def test_tools_with_tool_choice_none_go_into_the_template(client, checkpoint):
-    from transformers import AutoTokenizer
-
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                                "parameters": {"type": "object", "properties": {}}}}]
-    hf = AutoTokenizer.from_pretrained(checkpoint)
-    text = hf.apply_chat_template(MESSAGES, tools=tools, add_generation_prompt=True, tokenize=False)
-    r = _chat(client, max_tokens=4, tools=tools, tool_choice="none")
-    assert r.usage.prompt_tokens == len(hf.encode(text, add_special_tokens=False))
-    assert r.choices[0].message.content
-
-
 def test_return_tokens_as_token_ids(server, client):
     r = _complete(client, max_tokens=5, logprobs=2, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
     lp = r.choices[0].logprobs

@@ -78,6 +78,8 @@ COMPLETION_CASES = {
     # vLLM extensions braid lacks: never silently ignored
     "guided_choice": ({"guided_choice": ["yes", "no"]}, "guided_choice"),
     "guided_json": ({"guided_json": {"type": "object"}}, "guided_json"),
+    "guided_json empty": ({"guided_json": {}}, "guided_json"),  # vLLM would still force JSON
+    "spaces_between_special_tokens off": ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     "structured_outputs": ({"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
     "allowed_token_ids": ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
     "bad_words": ({"bad_words": ["the"]}, "bad_words"),
@@ -109,13 +111,14 @@ CHAT_CASES = {
     "image content": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                       "messages.0.content"),
     "top_logprobs without logprobs": ({"top_logprobs": 2}, "top_logprobs"),
-    "top_logprobs too many": ({"logprobs": True, "top_logprobs": 99}, "logprobs"),
+    "top_logprobs too many": ({"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
     "response_format json": ({"response_format": {"type": "json_object"}}, "response_format"),
     "tools with tool calls": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     "tool_choice required without tools": ({"tool_choice": "required"}, "tool_choice"),
     "continue_final_message with a generation prompt": ({"continue_final_message": True}, "continue_final_message"),
     "chat echo": ({"echo": True}, "echo"),
     "guided_regex": ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    "per-request chat_template": ({"chat_template": "{{ 'X' }}"}, "chat_template"),
     "prompt_logprobs streamed": ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
     "negative max_completion_tokens": ({"max_completion_tokens": -5}, "max_completion_tokens"),
     "max_tokens over the context": ({"max_tokens": MAX_MODEL_LEN}, "max_tokens"),
@@ -132,7 +135,8 @@ def test_bad_chat_requests_are_400(server, case):
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server):
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "use_beam_search": False, "priority": 0,
-            "bad_words": [], "length_penalty": 1.0, "guided_json": None, "response_format": {"type": "text"}}
+            "bad_words": [], "guided_json": None, "response_format": {"type": "text"},
+            "spaces_between_special_tokens": True, "documents": []}
     r = _post(server, "/v1/completions", body)
     assert r.status_code == 200, r.text
 
@@ -197,6 +201,28 @@ def test_oversized_body_is_413(server):
     r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30,
                    headers={**server.headers, "content-type": "application/json"})
     _assert_error(r, 413)
+    _assert_serving(server)
+
+
+def _raw_post_headers(server, extra: str) -> bytes:
+    """Send only a request's headers (no body) and return the first response bytes."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Authorization: Bearer {KEY}\r\n{extra}\r\n").encode())
+        return sock.recv(4096)  # a hang fails here, on the 30 s socket timeout
+
+
+def test_oversized_body_that_never_arrives_is_still_answered(server):
+    """The guard reads the rest of a rejected body, but not forever, and not when the client
+    waits for '100 Continue' first (that would invite the upload)."""
+    answer = _raw_post_headers(server, f"Content-Length: {100 * BODY_LIMIT}\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    answer = _raw_post_headers(server, f"Content-Length: {100 * BODY_LIMIT}\r\nExpect: 100-continue\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]  # not "100 Continue"
     _assert_serving(server)
 
 

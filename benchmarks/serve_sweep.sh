@@ -7,6 +7,8 @@ shape=$1; out=$2; shift 2
 port=${PORT:-8321}
 concurrency=${CONCURRENCY:-1,16,64,256}
 tag=${TAG:-$shape}
+# The plot needs matplotlib, which GPU images may lack; the JSON does not.
+plot=""; python -c "import matplotlib" 2>/dev/null && plot="--plot $out/serve_$tag.png"
 model_dir=$(mktemp -d /tmp/braid-shape-XXXX)
 python -m braid.bench.shapes "$shape" "$model_dir" >/dev/null
 python -m braid.entrypoints.cli serve "$model_dir" --served-model-name "$shape" --load-format dummy \
@@ -19,7 +21,7 @@ for _ in $(seq 1 180); do
 done
 python -m braid.entrypoints.cli bench serve --base-url "http://127.0.0.1:$port" --model "$shape" \
   --input-len 512 --output-len 256 --num-prompts 256 --prompts-per-concurrency 4 \
-  --max-concurrency "$concurrency" --num-warmups 2 --result-json "$out/serve_$tag.json" --plot "$out/serve_$tag.png"
+  --max-concurrency "$concurrency" --num-warmups 2 --result-json "$out/serve_$tag.json" $plot
 rc=$?
 kill -TERM $server; wait $server
 pgrep -f braid-engine-core && echo "WARNING: engine core left behind"

@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -107,27 +108,36 @@ class EngineCoreProc:
                 self._send(ser.OUTPUTS, EngineCoreOutputs(stats=self.core.make_stats()))
                 self._stats_stale = False
 
-    def close(self) -> None:
-        self.input_socket.close(linger=0)
-        self.output_socket.close(linger=1000)
-        self.ctx.term()
+
+class _Terminate(BaseException):
+    """SIGTERM reached the engine-core process: leave the loop, then stop (see _stop)."""
+
+
+def _stop(core) -> None:
+    """Workers first, so none is left in a collective; then what the trace still buffers
+    (os._exit skips the tracer's atexit flush, and a served --trace-dir run ends this way)."""
+    core.kill_workers()
+    core.tracer.close()
 
 
 def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, parent_pid: int) -> None:
     """Entry point of the engine-core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when to stop
-    # Nothing to flush on SIGTERM: requests die with the process, the frontend reports it;
-    # worker processes (multi-GPU) are killed first so none is left in a collective.
+    # SIGTERM: requests die with the process (the frontend reports it), but the trace is
+    # written out first. A core still starting has nothing to keep; a second SIGTERM does not wait.
     core = None
+    proc = None
 
     def on_sigterm(*_):
-        if core is not None:
-            core.kill_workers()
-        os._exit(0)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        if proc is None:
+            if core is not None:
+                core.kill_workers()
+            os._exit(0)
+        raise _Terminate
 
     signal.signal(signal.SIGTERM, on_sigterm)
     configure_process_logging("braid-core")
-    proc = None
     try:
         from braid.engine.core import make_engine_core
 
@@ -144,7 +154,7 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
         ready_pipe.close()
     try:
         proc.run(parent_pid)
-    except SystemExit:
+    except (SystemExit, _Terminate):
         pass
     except BaseException as e:  # noqa: BLE001 - a dead core must say why before it goes
         logger.error("engine core failed:\n%s", traceback.format_exc())
@@ -152,7 +162,15 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
             proc._send(ser.ERROR, f"{type(e).__name__}: {e}")
         except zmq.ZMQError:
             pass
-        core.kill_workers()  # e.g. the survivors of a dead worker, stuck in a collective
-        os._exit(1)
-    finally:
-        proc.close()
+        _stop(core)  # e.g. the survivors of a dead worker, stuck in a collective
+        _exit(1)
+    _stop(core)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave without closing the sockets: the reader thread is blocked in recv on one, and
+    closing it under that thread, or terminating the context, can abort or hang."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

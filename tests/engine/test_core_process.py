@@ -77,3 +77,24 @@ def test_private_ipc_dir_streaming_and_dead_core(tiny):
         llm.shutdown()
     assert not llm.client.process.is_alive()
     assert not os.path.exists(llm.client.ipc_dir)
+
+
+def test_served_trace_is_written_when_the_core_is_terminated(tiny, tmp_path):
+    # `braid serve --trace-dir` ends its engine core with SIGTERM; the spans buffered in the
+    # core (a short run never fills the buffer) must still reach the file.
+    from braid.observe.trace_summary import load_trace_events, trace_files
+
+    llm = AsyncLLM.from_engine_args(_args(tiny, trace_dir=str(tmp_path)))
+    try:
+        async def scenario():
+            params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            return [o async for o in llm.generate("Hello world", params, "t")]
+
+        assert asyncio.run(scenario())[-1].finished
+    finally:
+        llm.shutdown()
+    assert llm.client.process.exitcode == 0
+    files = trace_files(str(tmp_path))
+    assert len(files) == 1 and "engine-core" in files[0]
+    steps = [e for e in load_trace_events(files[0]) if e.get("name") == "step"]
+    assert len(steps) >= 4

@@ -18,8 +18,6 @@ has launched one since (round-robin), never two back to back.
 """
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from braid.core.request import Request
 from braid.core.scheduler import Scheduler
 from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from braid.executor.uniproc import UniprocExecutor
+from braid.gc_heap import freeze_startup_heap
 from braid.observe.trace import make_tracer
 
 logger = logging.getLogger(__name__)
@@ -55,25 +54,10 @@ def next_further_pass(in_flight, num_launches: int, shares: int) -> "LaunchedBat
              and (not b.pending or num_launches - b.last_launch >= shares)]
     return min(ready, key=lambda b: b.last_launch, default=None)
 
-_import_heap_frozen = False
-
-
-def freeze_import_heap() -> None:
-    """Exempt what exists at the first engine's start (torch, transformers: ~1M objects)
-    from the cyclic garbage collector. A full collection over them stalled W1's steps for
-    ~300 ms each time. Once per process, before the model is built, so later engines'
-    objects stay collectable."""
-    global _import_heap_frozen
-    if not _import_heap_frozen:
-        gc.collect()
-        gc.freeze()
-        atexit.register(gc.unfreeze)  # let the exit-time collection see everything again
-        _import_heap_frozen = True
-
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        freeze_import_heap()
+        freeze_startup_heap()
         self.config = config
         self.tracer = make_tracer(config.trace_dir, "engine-core")
         backend = config.parallel.distributed_executor_backend

@@ -66,9 +66,9 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
 
 class DPEngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        from braid.engine.core import freeze_import_heap
+        from braid.gc_heap import freeze_startup_heap
 
-        freeze_import_heap()
+        freeze_startup_heap()
         self.config = config
         self.dp_size = config.parallel.data_parallel_size
         self.tracer = make_tracer(config.trace_dir, "engine-core")

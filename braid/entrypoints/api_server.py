@@ -232,6 +232,7 @@ async def _serve(args) -> None:
 
     from braid.engine.arg_utils import EngineArgs
     from braid.engine.async_llm import AsyncLLM
+    from braid.gc_heap import freeze_startup_heap
     from braid.observe.metrics import EngineMetrics
 
     names = served_model_names(args)
@@ -241,6 +242,7 @@ async def _serve(args) -> None:
         engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args), metrics=EngineMetrics(names[0]))
         try:
             app = build_app(engine, args)
+            freeze_startup_heap()  # the tokenizer and the app: no full collection walks them mid-stream
             config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5,
                                     lifespan="on")
             server = _uvicorn_server(config)

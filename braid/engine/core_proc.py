@@ -95,11 +95,12 @@ class EngineCoreProc:
                 except queue.Empty:
                     continue
                 running = self._handle(*message)
-            while running:
-                try:
-                    running = self._handle(*self.inbox.get_nowait())
-                except queue.Empty:
-                    break
+            with self.core.tracer.cpu_span("admit"):  # requests and aborts that came in meanwhile
+                while running:
+                    try:
+                        running = self._handle(*self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
             if running and self.core.has_unfinished_requests():
                 self._send(ser.OUTPUTS, self.core.step())
                 self._stats_stale = False

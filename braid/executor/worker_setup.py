@@ -27,9 +27,11 @@ def start_worker(rank: int, config: EngineConfig, init_method: str, cuda_index: 
     import torch.distributed as dist
 
     from braid.distributed import parallel_state
+    from braid.gc_heap import freeze_startup_heap
     from braid.observe.trace import make_tracer
     from braid.worker.worker import Worker
 
+    freeze_startup_heap()  # a full collection over torch's heap would stall this rank's stage
     parallel = config.parallel
     device = config.device.device
     if device.type == "cuda":

@@ -152,6 +152,10 @@ class EngineArgs:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def _parallel_config(self) -> ParallelConfig:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
         world = self.tensor_parallel_size * self.pipeline_parallel_size * max(1, self.data_parallel_size)
         backend = self.distributed_executor_backend or ("mp" if world > 1 else "uni")
         partition = None
@@ -208,10 +212,10 @@ class EngineArgs:
         if max_model_len > max_pos:
             raise ValueError(f"--max-model-len ({max_model_len}) exceeds the model's max_position_embeddings ({max_pos})")
 
+        parallel = self._parallel_config()
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if pp > hf_config.num_hidden_layers:
             raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's {hf_config.num_hidden_layers} layers")
-        parallel = self._parallel_config()
         if parallel.pp_layer_partition and sum(parallel.pp_layer_partition) != hf_config.num_hidden_layers:
             raise ValueError(f"--pp-layer-partition {self.pp_layer_partition} must sum to the model's "
                              f"{hf_config.num_hidden_layers} layers")
@@ -230,10 +234,11 @@ class EngineArgs:
                                  f"parallel) must divide the model's {experts} experts")
         if self.enable_dbo and pp > 1:
             raise ValueError("--enable-dbo with --pipeline-parallel-size > 1 is not supported yet")
-        for name in ("num_attention_heads", "intermediate_size"):
-            value = getattr(hf_config, name, None)
-            if tp > 1 and value is not None and value % tp:
-                raise ValueError(f"--tensor-parallel-size {tp} must divide the model's {name} ({value})")
+        if tp > 1:
+            _check_tensor_parallel_shapes(hf_config, tp, self.enable_expert_parallel)
+        if device.type == "cuda" and parallel.distributed_executor_backend == "mp" and parallel.world_size > torch.cuda.device_count():
+            raise ValueError(f"--tensor-parallel-size x --pipeline-parallel-size x --data-parallel-size = "
+                             f"{parallel.world_size} GPUs, but this host has {torch.cuda.device_count()}")
 
         backend = self.attention_backend
         if backend == "auto":
@@ -283,3 +288,25 @@ class EngineArgs:
                                   self.dbo_prefill_token_threshold, self.dbo_policy),
             trace_dir=self.trace_dir,
         )
+
+
+def _check_tensor_parallel_shapes(hf_config, tp: int, expert_parallel: bool) -> None:
+    """Every width tensor parallelism splits must split evenly (or, for KV heads, be replicated
+    evenly); otherwise the workers would fail building the model, naming no flag."""
+    def need_divides(name: str, value) -> None:
+        if value is not None and value % tp:
+            raise ValueError(f"--tensor-parallel-size {tp} must divide the model's {name} ({value})")
+
+    need_divides("num_attention_heads", getattr(hf_config, "num_attention_heads", None))
+    need_divides("intermediate_size", getattr(hf_config, "intermediate_size", None))
+    kv = getattr(hf_config, "num_key_value_heads", None)
+    if kv and kv % tp and tp % kv:
+        raise ValueError(f"--tensor-parallel-size {tp} must divide the model's num_key_value_heads ({kv}), "
+                         f"or be a multiple of it (the KV heads are then replicated)")
+    moe_inter = getattr(hf_config, "moe_intermediate_size", None)
+    if moe_inter is not None:
+        if not expert_parallel:  # with expert parallelism, experts stay whole
+            need_divides("moe_intermediate_size", moe_inter)
+        shared = getattr(hf_config, "n_shared_experts", 0) or 0
+        if shared:  # shared experts are one tensor-parallel MLP of this width, expert parallel or not
+            need_divides("moe_intermediate_size x n_shared_experts", moe_inter * shared)

@@ -76,22 +76,27 @@ class MultiprocExecutor:
         init_method = "file://" + os.path.join(self._rendezvous_dir, "rendezvous")
         ring_path = os.path.join(self._rendezvous_dir, "broadcast")
         self.procs, self.conns = [], []
-        self._writer = BroadcastWriter(ring_path, self.world_size, send_fallback=self._send_frame,
-                                       check_readers=self._check_alive)
-        # GPU hosts have a core per rank to spare: spin for new calls (the wake-up is what a
-        # step waits on); CPU ranks need every core for the model, so they sleep at once.
-        spin_s = 0.5 if config.device.device.type == "cuda" else 0.0
-        ctx = mp.get_context("spawn")
-        for rank in range(self.world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, config, init_method, child, ring_path, spin_s),
-                               daemon=True, name=f"braid-worker-{rank}")
-            proc.start()
-            child.close()
-            self.procs.append(proc)
-            self.conns.append(parent)
-        for rank in range(self.world_size):
-            self._recv(rank)  # "ready": the model is loaded on every rank
+        try:
+            self._writer = BroadcastWriter(ring_path, self.world_size, send_fallback=self._send_frame,
+                                           check_readers=self._check_alive)
+            # GPU hosts have a core per rank to spare: spin for new calls (the wake-up is what a
+            # step waits on); CPU ranks need every core for the model, so they sleep at once.
+            spin_s = 0.5 if config.device.device.type == "cuda" else 0.0
+            ctx = mp.get_context("spawn")
+            for rank in range(self.world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker_main, args=(rank, config, init_method, child, ring_path, spin_s),
+                                   daemon=True, name=f"braid-worker-{rank}")
+                proc.start()
+                child.close()
+                self.procs.append(proc)
+                self.conns.append(parent)
+            for rank in range(self.world_size):
+                self._recv(rank)  # "ready": the model is loaded on every rank
+        except BaseException:  # a rank that failed or died: the others go too, and the ring with them
+            self.kill_workers()
+            self._release()
+            raise
         self._closed = False
 
     # ---- plumbing ---------------------------------------------------------------
@@ -168,9 +173,14 @@ class MultiprocExecutor:
         return self._reply_decoder.decode(self._recv(rank))
 
     def kill_workers(self) -> None:
+        """Going down hard: kill and reap the workers and unlink the ring's directory (its
+        mapping stays valid for anyone still holding it)."""
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=2.0)
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
@@ -184,10 +194,17 @@ class MultiprocExecutor:
             proc.join(timeout=5.0)
             if proc.is_alive():
                 proc.kill()
-                proc.join(timeout=2.0)
+        self._release()
+
+    def _release(self) -> None:
+        """Reap the (exited or killed) workers; close the pipes, the ring and its directory."""
+        for proc in self.procs:
+            proc.join(timeout=2.0)
         for conn in self.conns:
             conn.close()
-        self._writer.close()
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.close()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def __del__(self):
@@ -214,6 +231,7 @@ class PendingReply:
 
 def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_path: str, spin_s: float) -> None:
     configure_process_logging(f"braid-worker-{rank}")
+    parent_pid = os.getppid()
     enc, decoders, _ = _codec()
 
     def deliver(out) -> None:
@@ -260,3 +278,5 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_p
         raise SystemExit(1)
     finally:
         destroy_process_group()
+        if rank == 0 and os.getppid() != parent_pid:  # the engine was killed: nobody else removes the ring
+            shutil.rmtree(os.path.dirname(ring_path), ignore_errors=True)

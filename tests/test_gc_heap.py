@@ -10,9 +10,14 @@ assert gc.get_freeze_count() == 0
 freeze_startup_heap()
 frozen = gc.get_freeze_count()
 assert frozen > 10_000, frozen
-later = [[i] for i in range(1000)]  # objects made after start-up stay collectable
 freeze_startup_heap()
 assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen)
+import weakref
+class Node: pass
+later = Node(); later.cycle = later; alive = weakref.ref(later)
+del later
+gc.collect()
+assert alive() is None  # a cycle made after start-up is still collected
 print("ok")
 """
 

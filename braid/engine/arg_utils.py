@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import operator
 import re
 from dataclasses import dataclass, fields
 
@@ -154,8 +155,12 @@ class EngineArgs:
     def _parallel_config(self) -> ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                setattr(self, name, operator.index(value))  # ints, numpy ints; not "2", 2.0 or True
+            except TypeError:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}") from None
         world = self.tensor_parallel_size * self.pipeline_parallel_size * max(1, self.data_parallel_size)
         backend = self.distributed_executor_backend or ("mp" if world > 1 else "uni")
         partition = None
@@ -300,7 +305,8 @@ def _check_tensor_parallel_shapes(hf_config, tp: int, expert_parallel: bool) -> 
     need_divides("num_attention_heads", getattr(hf_config, "num_attention_heads", None))
     need_divides("intermediate_size", getattr(hf_config, "intermediate_size", None))
     kv = getattr(hf_config, "num_key_value_heads", None)
-    if kv and kv % tp and tp % kv:
+    latent_kv = getattr(hf_config, "kv_lora_rank", None)  # MLA: one shared latent, no KV heads to split
+    if kv and not latent_kv and kv % tp and tp % kv:
         raise ValueError(f"--tensor-parallel-size {tp} must divide the model's num_key_value_heads ({kv}), "
                          f"or be a multiple of it (the KV heads are then replicated)")
     moe_inter = getattr(hf_config, "moe_intermediate_size", None)

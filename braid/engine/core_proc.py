@@ -24,8 +24,8 @@ from braid.observe.process_logging import configure_process_logging
 
 logger = logging.getLogger(__name__)
 
-# How often an idle core checks that its parent is still alive.
-_IDLE_POLL_S = 1.0
+# How often an idle core checks that its parent is alive and whether SIGTERM came.
+_IDLE_POLL_S = 0.25
 
 
 class EngineCoreProc:
@@ -41,6 +41,7 @@ class EngineCoreProc:
         self.output_socket.connect(output_addr)
         self.inbox: queue.Queue = queue.Queue()
         self._stats_stale = False
+        self.stop_requested = False  # set by the SIGTERM handler: a plain flag is all it may touch
         threading.Thread(target=self._read_input, daemon=True, name="braid-core-input").start()
 
     def _read_input(self) -> None:
@@ -82,9 +83,10 @@ class EngineCoreProc:
         self.output_socket.send_multipart(ser.encode(kind, body), copy=False)
 
     def run(self, parent_pid: int) -> None:
+        """Serve until a SHUTDOWN message, a SIGTERM (stop_requested) or the frontend's death."""
         running = True
         last_parent_check = time.monotonic()
-        while running:
+        while running and not self.stop_requested:
             if time.monotonic() - last_parent_check > _IDLE_POLL_S:
                 if os.getppid() != parent_pid:  # the frontend is gone: do not linger as an orphan
                     return
@@ -110,32 +112,36 @@ class EngineCoreProc:
                 self._stats_stale = False
 
 
-class _Terminate(BaseException):
-    """SIGTERM reached the engine-core process: leave the loop, then stop (see _stop)."""
-
-
-def _stop(core) -> None:
-    """Workers first, so none is left in a collective; then what the trace still buffers
-    (os._exit skips the tracer's atexit flush, and a served --trace-dir run ends this way)."""
-    core.kill_workers()
-    core.tracer.close()
+def _stop(core, code: int) -> None:
+    """Kill the workers, so none is left in a collective; write out what the trace still
+    buffers (os._exit skips the tracer's atexit flush, and a served --trace-dir run ends
+    here); exit. A SIGTERM from now on exits at once: the client's kill follows in 5 s anyway."""
+    signal.signal(signal.SIGTERM, _exit_now)
+    try:
+        core.kill_workers()
+        core.tracer.close()
+    finally:
+        _exit(code)
 
 
 def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, parent_pid: int) -> None:
     """Entry point of the engine-core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when to stop
     # SIGTERM: requests die with the process (the frontend reports it), but the trace is
-    # written out first. A core still starting has nothing to keep; a second SIGTERM does not wait.
+    # written out first: the handler only raises a flag, which the loop checks between steps
+    # (an exception raised from a handler can land anywhere, or be swallowed in a gc callback).
+    # A core still starting has nothing to keep and exits at once.
     core = None
     proc = None
+    serving = False
 
     def on_sigterm(*_):
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-        if proc is None:
-            if core is not None:
-                core.kill_workers()
-            os._exit(0)
-        raise _Terminate
+        if serving:
+            proc.stop_requested = True
+            return
+        if core is not None:
+            core.kill_workers()
+        _exit_now()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     configure_process_logging("braid-core")
@@ -153,20 +159,17 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
         return
     finally:
         ready_pipe.close()
+    serving = True
     try:
         proc.run(parent_pid)
-    except (SystemExit, _Terminate):
-        pass
     except BaseException as e:  # noqa: BLE001 - a dead core must say why before it goes
         logger.error("engine core failed:\n%s", traceback.format_exc())
         try:
             proc._send(ser.ERROR, f"{type(e).__name__}: {e}")
         except zmq.ZMQError:
             pass
-        _stop(core)  # e.g. the survivors of a dead worker, stuck in a collective
-        _exit(1)
-    _stop(core)
-    _exit(0)
+        _stop(core, 1)  # e.g. the survivors of a dead worker, stuck in a collective
+    _stop(core, 0)
 
 
 def _exit(code: int) -> None:
@@ -175,3 +178,7 @@ def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _exit_now(*_) -> None:
+    os._exit(0)

@@ -22,6 +22,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import traceback
 
 from braid.config import EngineConfig
@@ -173,13 +174,11 @@ class MultiprocExecutor:
         return self._reply_decoder.decode(self._recv(rank))
 
     def kill_workers(self) -> None:
-        """Going down hard: kill and reap the workers and unlink the ring's directory (its
-        mapping stays valid for anyone still holding it)."""
+        """Going down hard: kill the workers and unlink the ring's directory (its mapping stays
+        valid for anyone still holding it). No waiting: a process that exits next reaps them."""
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        for proc in self.procs:
-            proc.join(timeout=2.0)
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def shutdown(self) -> None:
@@ -190,16 +189,15 @@ class MultiprocExecutor:
             self._broadcast("shutdown")
         except (WorkerError, OSError):
             pass
+        _join_all(self.procs, timeout=5.0)
         for proc in self.procs:
-            proc.join(timeout=5.0)
             if proc.is_alive():
                 proc.kill()
         self._release()
 
     def _release(self) -> None:
         """Reap the (exited or killed) workers; close the pipes, the ring and its directory."""
-        for proc in self.procs:
-            proc.join(timeout=2.0)
+        _join_all(self.procs, timeout=3.0)
         for conn in self.conns:
             conn.close()
         writer = getattr(self, "_writer", None)
@@ -212,6 +210,13 @@ class MultiprocExecutor:
             self.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
+
+
+def _join_all(procs, timeout: float) -> None:
+    """Join every process against one deadline (not `timeout` each: at TP=8 that adds up)."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class PendingReply:
@@ -277,6 +282,6 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, conn, ring_p
             pass
         raise SystemExit(1)
     finally:
-        destroy_process_group()
         if rank == 0 and os.getppid() != parent_pid:  # the engine was killed: nobody else removes the ring
             shutil.rmtree(os.path.dirname(ring_path), ignore_errors=True)
+        destroy_process_group()  # may block on NCCL when the peers are gone: after the cleanup

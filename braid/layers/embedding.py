@@ -73,6 +73,9 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("bias", None)
 
     def _bias_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if loaded_weight.shape != (self.num_embeddings,):
+            raise ValueError(f"shape mismatch loading {type(self).__name__} bias: expected {(self.num_embeddings,)}, "
+                             f"checkpoint has {tuple(loaded_weight.shape)}")
         start = self.vocab_start_index
         n = max(0, min(self.vocab_end_index, self.num_embeddings) - start)
         with torch.no_grad():

@@ -120,7 +120,8 @@ class DeepseekV2MoE(nn.Module):
             return grouped_topk(logits, top_k, config.topk_method, getattr(config, "n_group", None),
                                 getattr(config, "topk_group", None), float(config.routed_scaling_factor))
 
-        self.experts = FusedMoE(num_experts, top_k, config.hidden_size, config.moe_intermediate_size, route=route)
+        self.experts = FusedMoE(num_experts, top_k, config.hidden_size, config.moe_intermediate_size, route=route,
+                                hidden_act=getattr(config, "hidden_act", "silu"))
         shared = getattr(config, "n_shared_experts", 0) or 0
         self.shared_experts = (LlamaMLP(config.hidden_size, config.moe_intermediate_size * shared,
                                         getattr(config, "hidden_act", "silu")) if shared else None)

@@ -280,6 +280,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             layer = _LAYER_INDEX.match(name)
             if layer is not None and not start <= int(layer.group(1)) < end:
+                if int(layer.group(1)) >= self.config.num_hidden_layers:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint: the config has "
+                                     f"{self.config.num_hidden_layers} layers (num_hidden_layers)")
                 continue  # another pipeline stage's layer
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue  # shares the embedding
@@ -322,11 +325,29 @@ class LlamaForCausalLM(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"loading {name!r}: {e}") from None
                 loaded.add(name)
-        missing = sorted(set(params) - loaded)
+        missing = self._checkpoint_names(sorted(set(params) - loaded), expected_shards, got_shards, got_experts, params)
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing weights for {type(self).__name__}: {shown}")
         return loaded
+
+    def _checkpoint_names(self, missing: list[str], expected_shards, got_shards, got_experts, params) -> list[str]:
+        """Unloaded parameters as the checkpoint names them: a fused qkv_proj missing its k part
+        is `...k_proj.weight`, a fused expert tensor names the experts and parts it lacks."""
+        names = []
+        for pname in missing:
+            if pname in expected_shards:
+                lacking = expected_shards[pname] - got_shards[pname]
+                names += [pname.replace(target + ".", hf_part + ".") for target, hf_part, shard
+                          in self.stacked_params_mapping if shard in lacking and target + "." in pname]
+            elif hasattr(params[pname], "expected_shards"):
+                lacking = sorted(params[pname].expected_shards - got_experts.get(pname, set()),
+                                 key=lambda se: (se[1], se[0]))
+                parts = ", ".join(f"expert {e} {shard}" for shard, e in lacking[:4])
+                names.append(f"{pname} ({parts}{', ...' if len(lacking) > 4 else ''})")
+            else:
+                names.append(pname)
+        return names
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -22,7 +22,8 @@ class MixtralSparseBlock(nn.Module):
         super().__init__()
         self.gate = ReplicatedLinear(config.hidden_size, config.num_local_experts)  # the router
         self.experts = FusedMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
-                                config.intermediate_size, renormalize=True)
+                                config.intermediate_size, renormalize=True,
+                                hidden_act=getattr(config, "hidden_act", "silu"))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden_states, self.gate(hidden_states))

@@ -22,7 +22,8 @@ class Qwen3MoeSparseBlock(nn.Module):
         num_experts = num_experts_of(config)
         self.gate = ReplicatedLinear(config.hidden_size, num_experts)  # the router
         self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size,
-                                config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob))
+                                config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
+                                hidden_act=getattr(config, "hidden_act", "silu"))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.experts(hidden_states, self.gate(hidden_states))

@@ -410,7 +410,7 @@ def test_load_weights_rejects_missing_and_unexpected(tmp_path):
     loaded = model.load_weights(iter(weights))
     assert loaded == {n for n, _ in model.named_parameters()}
     dropped = [(n, t) for n, t in weights if n != "model.layers.1.self_attn.k_proj.weight"]
-    with pytest.raises(ValueError, match=r"missing .*model\.layers\.1\.self_attn\.qkv_proj\.weight"):
+    with pytest.raises(ValueError, match=r"missing .*model\.layers\.1\.self_attn\.k_proj\.weight"):  # its own name
         get_model_class(cfg)(cfg).load_weights(iter(dropped))
     extra = weights + [("model.layers.0.mlp.extra.weight", torch.zeros(2))]
     with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.0\.mlp\.extra\.weight'"):
@@ -421,6 +421,48 @@ def test_load_weights_rejects_missing_and_unexpected(tmp_path):
     # rotary inv_freq in old checkpoints is ignored
     model = get_model_class(cfg)(cfg)
     model.load_weights(iter(weights + [("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(8))]))
+
+
+@pytest.mark.parametrize("field,value,tensor", [
+    ("intermediate_size", 64, r"mlp\.(gate|up|down)_proj"),  # a larger checkpoint tensor is never cut down
+    ("intermediate_size", 256, r"mlp\.(gate|up|down)_proj"),
+    ("num_key_value_heads", 1, r"self_attn\.(k|v)_proj"),
+])
+def test_checkpoint_tensors_must_have_the_shape_the_config_gives(tmp_path, field, value, tensor):
+    from braid.models.loader.safetensors_loader import safetensors_weights
+    from braid.models.registry import get_model_class
+
+    path = make_tiny_checkpoint("llama", tmp_path / "w")
+    cfg = load_hf_config(path)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=rf"loading 'model\.layers\.\d+\.{tensor}\.weight'.*config gives"):
+        get_model_class(cfg)(cfg).load_weights(safetensors_weights(path))
+
+
+def test_layers_past_the_config_and_missing_experts_are_named(tmp_path):
+    from braid.models.loader.safetensors_loader import safetensors_weights
+    from braid.models.registry import get_model_class
+
+    path = make_tiny_checkpoint("llama", tmp_path / "w")
+    cfg = load_hf_config(path)
+    cfg.num_hidden_layers = 1
+    with pytest.raises(ValueError, match=r"unexpected weight 'model\.layers\.1\..*num_hidden_layers"):
+        get_model_class(cfg)(cfg).load_weights(safetensors_weights(path))
+    path = make_tiny_checkpoint("mixtral", tmp_path / "moe")
+    cfg = load_hf_config(path)
+    weights = [(n, t) for n, t in safetensors_weights(path) if n != "model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    with pytest.raises(ValueError, match=r"missing .*model\.layers\.1\.mlp\.experts\.w13_weight \(expert 3 w3\)"):
+        get_model_class(cfg)(cfg).load_weights(iter(weights))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_experts_refuse_an_activation_they_do_not_compute(arch):
+    from braid.models.registry import get_model_class
+    from tests.tiny_checkpoints import tiny_config
+
+    cfg = tiny_config(arch, hidden_act="gelu", **({"mlp_only_layers": []} if arch == "qwen3_moe" else {}))
+    with pytest.raises(ValueError, match="unsupported hidden_act 'gelu'"):
+        get_model_class(cfg)(cfg)
 
 
 def test_tied_embeddings_share_the_weight(tmp_path):

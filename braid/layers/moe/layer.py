@@ -38,8 +38,10 @@ class FusedMoE(nn.Module):
     SHARDS = {"w13_weight": ("w1", "w3"), "w2_weight": ("w2",)}
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool = True, route: Callable | None = None) -> None:
+                 renormalize: bool = True, route: Callable | None = None, hidden_act: str = "silu") -> None:
         super().__init__()
+        if hidden_act != "silu":  # the fused kernels compute SiLU(gate) * up
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} for the experts: only 'silu' is implemented")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.route = route or (lambda logits: softmax_topk(logits, top_k, renormalize))
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
@@ -77,6 +79,12 @@ class FusedMoE(nn.Module):
             lo, hi = 0, self.inter
         else:
             lo, hi = self.tp_rank * self.inter, (self.tp_rank + 1) * self.inter
+        full_inter = self.inter if self.ep_size > 1 else self.inter * self.tp_size
+        hidden = param.shape[-1] if shard_id in ("w1", "w3") else param.shape[1]
+        expected = (full_inter, hidden) if shard_id in ("w1", "w3") else (hidden, full_inter)
+        if shard_id in ("w1", "w2", "w3") and tuple(loaded.shape) != expected:  # before slicing: see linear.py
+            raise ValueError(f"shape mismatch loading expert {expert_id + self.first_expert} {shard_id}: the model's "
+                             f"config gives {expected}, the checkpoint has {tuple(loaded.shape)}")
         if shard_id in ("w1", "w3"):
             part = loaded[lo:hi]
             dst = param[expert_id, : self.inter] if shard_id == "w1" else param[expert_id, self.inter:]

@@ -118,6 +118,8 @@ def _stop(core, code: int) -> None:
     here); exit. A SIGTERM from now on exits at once: the client's kill follows in 5 s anyway."""
     signal.signal(signal.SIGTERM, _exit_now)
     try:
+        if code == 0 and core.tracer.enabled:
+            core.executor.shutdown(timeout=2.0)  # healthy workers write their timelines too
         core.kill_workers()
         core.tracer.close()
     finally:

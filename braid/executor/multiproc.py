@@ -181,7 +181,8 @@ class MultiprocExecutor:
                 proc.kill()
         shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the workers to stop (each closes its tracer), wait up to `timeout`, kill the rest."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
@@ -189,7 +190,7 @@ class MultiprocExecutor:
             self._broadcast("shutdown")
         except (WorkerError, OSError):
             pass
-        _join_all(self.procs, timeout=5.0)
+        _join_all(self.procs, timeout=timeout)
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()

@@ -249,13 +249,13 @@ class RayExecutor:
         for actor in getattr(self, "actors", []):
             self._ray.kill(actor, no_restart=True)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
         self._closed = True
         ray = self._ray
         try:
-            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=5.0)
+            ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout)
         except Exception:  # noqa: BLE001 - dead actors
             pass
         self.kill_workers()

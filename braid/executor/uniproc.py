@@ -27,5 +27,5 @@ class UniprocExecutor:
     def continue_model_async(self, batch_id: int) -> list[AsyncModelRunnerOutput]:
         return self.worker.continue_model_async(batch_id)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 0.0) -> None:
         pass

@@ -367,3 +367,30 @@ def test_every_rank_writes_its_timeline(tmp_path):
         assert len(files) == 1, os.listdir(trace_dir)
         names = {e.get("name") for e in json.load(open(trace_dir / files[0]))["traceEvents"]}
         assert {"prepare_inputs", "launch"} <= names, names
+
+
+def test_served_ranks_write_their_timelines_when_the_server_stops(tmp_path):
+    # `braid serve --trace-dir` ends its engine core with SIGTERM: the core stops its healthy
+    # workers in order (each writes its timeline) before it writes its own.
+    import asyncio
+
+    from braid.engine.async_llm import AsyncLLM
+    from braid.observe.trace_summary import load_trace_events
+
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    trace_dir = tmp_path / "trace"
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=model, kv_cache_memory="64MiB", tensor_parallel_size=2,
+                                               trace_dir=str(trace_dir)))
+    try:
+        async def one():
+            return [o async for o in llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, "r")]
+
+        assert asyncio.run(one())[-1].finished
+    finally:
+        llm.shutdown()
+    assert llm.client.process.exitcode == 0
+    for who in ("engine-core", "worker-0", "worker-1"):
+        files = [f for f in os.listdir(trace_dir) if f.startswith(f"braid-trace-{who}")]
+        assert len(files) == 1, os.listdir(trace_dir)
+        names = {e.get("name") for e in load_trace_events(str(trace_dir / files[0]))}
+        assert ("step" if who == "engine-core" else "launch") in names, (who, names)

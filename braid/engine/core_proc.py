@@ -118,10 +118,14 @@ def _stop(core, code: int) -> None:
     here); exit. A SIGTERM from now on exits at once: the client's kill follows in 5 s anyway."""
     signal.signal(signal.SIGTERM, _exit_now)
     try:
+        try:
+            core.tracer.close()  # first: the core's own timeline, whatever the workers do next
+        except Exception:  # noqa: BLE001 - stopping anyway
+            logger.exception("could not write the engine core's trace")
         if code == 0 and core.tracer.enabled:
-            core.executor.shutdown(timeout=2.0)  # healthy workers write their timelines too
-        core.kill_workers()
-        core.tracer.close()
+            core.executor.shutdown(timeout=2.0)  # healthy workers write their timelines too; kills the rest
+        else:
+            core.kill_workers()
     finally:
         _exit(code)
 
@@ -152,6 +156,7 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
 
         config = engine_args.create_engine_config()
         core = make_engine_core(config)
+        signal.signal(signal.SIGTERM, on_sigterm)  # again: ray.init (--distributed-executor-backend ray) replaces it
         proc = EngineCoreProc(core, input_addr, output_addr)
         info = ser.ReadyInfo(core.num_blocks, config.cache.block_size, config.scheduler.max_model_len)
         ready_pipe.send_bytes(b"".join([ser.READY, b"\0", ser.encode(ser.READY, info)[1]]))

@@ -53,7 +53,7 @@ def head_dim_of(config: Any) -> int:
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
         super().__init__()
-        if hidden_act != "silu":
+        if hidden_act not in ("silu", "swish"):  # swish: transformers' alias of SiLU
             raise ValueError(f"unsupported hidden_act {hidden_act!r}: only 'silu' is implemented")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)

@@ -40,7 +40,7 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool = True, route: Callable | None = None, hidden_act: str = "silu") -> None:
         super().__init__()
-        if hidden_act != "silu":  # the fused kernels compute SiLU(gate) * up
+        if hidden_act not in ("silu", "swish"):  # the fused kernels compute SiLU(gate) * up (swish: its HF alias)
             raise ValueError(f"unsupported hidden_act {hidden_act!r} for the experts: only 'silu' is implemented")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.route = route or (lambda logits: softmax_topk(logits, top_k, renormalize))

@@ -37,7 +37,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
-    num_generation_tokens: int = 0
+    num_generation_tokens: int = 0  # over all of the request's samples
+    max_sample_tokens: int = 0  # of its longest sample: n samples advance together, one token each per step
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -46,9 +47,9 @@ class RequestMetrics:
     @property
     def time_per_output_token(self) -> float | None:
         """Mean time between output tokens after the first."""
-        if self.first_token_time is None or self.last_token_time is None or self.num_generation_tokens < 2:
+        if self.first_token_time is None or self.last_token_time is None or self.max_sample_tokens < 2:
             return None
-        return (self.last_token_time - self.first_token_time) / (self.num_generation_tokens - 1)
+        return (self.last_token_time - self.first_token_time) / (self.max_sample_tokens - 1)
 
     @property
     def e2e_latency(self) -> float | None:

@@ -123,6 +123,8 @@ class AsyncLLM:
 
     async def _abort_quietly(self, request_id: str) -> None:
         core_ids = self.output_processor.abort_request(request_id)
+        if core_ids and self.metrics is not None:  # the core's own abort output finds no owner here any more
+            self.metrics.record_aborted(len(core_ids))
         if core_ids and not self.is_dead:
             await self._send(ser.ABORT, core_ids)
 

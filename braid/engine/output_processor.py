@@ -153,7 +153,9 @@ class OutputProcessor:
                     m.first_token_time = now
                 m.last_token_time = now
                 m.num_generation_tokens += len(out.new_token_ids)
-                if self._append(sample, out) and out.finish_reason is None:
+                stopped = self._append(sample, out)
+                m.max_sample_tokens = max(m.max_sample_tokens, len(sample.token_ids))
+                if stopped and out.finish_reason is None:
                     to_abort.append(out.request_id)
             if out.finish_reason is not None and sample.finish_reason is None:
                 sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason

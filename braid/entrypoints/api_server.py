@@ -119,7 +119,7 @@ def build_app(engine, args):
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        logger.exception("unhandled error on %s", request.url.path)
+        logger.error("unhandled error on %s", request.url.path)  # api_error_for logs the traceback
         return error_response(api_error_for(e))
 
     async def _respond(request: Request, serving, model_cls):

@@ -39,6 +39,8 @@ class EngineMetrics:
         self._success = Counter("braid:request_success", "Finished requests by finish reason.",
                                 labels + ["finished_reason"], registry=self.registry)
         self._model_name = model_name
+        for reason in ("stop", "length", "abort"):  # every series exists from the start, as vLLM's
+            self._success.labels(model_name, reason)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.")
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.")
@@ -62,6 +64,10 @@ class EngineMetrics:
             self.prompt_tokens.inc(prompt_tokens)
         if generation_tokens:
             self.generation_tokens.inc(generation_tokens)
+
+    def record_aborted(self, num_samples: int) -> None:
+        """Samples of a request the client abandoned (disconnect, cancel) before they finished."""
+        self._success.labels(self._model_name, "abort").inc(num_samples)
 
     def record_finished(self, output: RequestOutput) -> None:
         for completion in output.outputs:

@@ -98,3 +98,30 @@ def test_served_trace_is_written_when_the_core_is_terminated(tiny, tmp_path):
     assert len(files) == 1 and "engine-core" in files[0]
     steps = [e for e in load_trace_events(files[0]) if e.get("name") == "step"]
     assert len(steps) >= 4
+
+
+def test_abandoned_requests_count_as_aborted_in_the_metrics(tiny):
+    from braid.observe.metrics import EngineMetrics
+
+    metrics = EngineMetrics("m")
+    llm = AsyncLLM.from_engine_args(_args(tiny, max_model_len=1024), metrics=metrics)
+
+    def finished(reason):
+        return metrics.registry.get_sample_value("braid:request_success_total",
+                                                 {"model_name": "m", "finished_reason": reason})
+
+    try:
+        assert (finished("stop"), finished("length"), finished("abort")) == (0, 0, 0)  # series exist from the start
+
+        async def scenario():
+            long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True, n=2)
+            agen = llm.generate("Hello world", long, "gone")
+            await agen.__anext__()
+            await agen.aclose()  # the client went away
+            short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            return [o async for o in llm.generate("Hello world", short, "done")]
+
+        assert asyncio.run(scenario())[-1].finished
+        assert (finished("length"), finished("abort")) == (1, 2)  # the abandoned request's two samples
+    finally:
+        llm.shutdown()

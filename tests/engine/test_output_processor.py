@@ -33,3 +33,21 @@ def test_final_only_returns_just_the_finished_outputs_unchanged():
     assert final == [[r for r in step if r[1]] for step in every]
     assert sum(len(step) for step in final) == 4  # each request once, when it finishes
     assert sum(len(step) for step in every) > 4
+
+
+def test_time_per_output_token_counts_steps_not_the_tokens_of_all_samples():
+    # n=2 samples advance together, one token each per step, 1 s per step: 1 s per output token.
+    from unittest import mock
+
+    processor = OutputProcessor(load_tokenizer(default_model_path()))
+    params = SamplingParams(max_tokens=4)
+    ids = processor.add_request("r", "hi", [1, 2], [params, params], arrival_time=0.0)
+    last = None
+    for step in range(4):
+        with mock.patch("braid.engine.output_processor.time.time", return_value=1.0 + step):
+            results, _ = processor.process_outputs([EngineCoreOutput(i, [100 + step], finish_reason=(
+                "length" if step == 3 else None)) for i in ids])
+        last = results[0]
+    m = last.metrics
+    assert m.num_generation_tokens == 8 and m.max_sample_tokens == 4
+    assert m.time_to_first_token == 1.0 and m.time_per_output_token == 1.0

@@ -284,12 +284,14 @@ def test_tokenize_round_trip(server):
     assert r.status_code == 200 and r.json() == {"prompt": text}
 
 
-def test_health_version_metrics(server):
+def test_health_version_metrics(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/version").json()["version"]
+    before = server.wait_idle()["braid:generation_tokens_total"]
+    assert _complete(client, max_tokens=3).usage.completion_tokens == 3
     m = server.wait_idle()
     assert m["braid:kv_cache_usage_perc"] == 0 and m["braid:num_requests_running"] == 0
-    assert m["braid:generation_tokens_total"] > 0
+    assert m["braid:generation_tokens_total"] == before + 3
 
 
 def test_registering_serve_keeps_the_cli_light():

@@ -180,6 +180,8 @@ class AsyncLLM:
         new_generation = sum(len(o.new_token_ids) for o in core_outputs.outputs
                              if self.output_processor.owns(o.request_id))
         outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs)
+        if self.metrics is not None:
+            self.metrics.record_inter_token_latencies(self.output_processor.inter_token_latencies)
         if to_abort:
             await self._send(ser.ABORT, to_abort)
         new_prompt = 0

@@ -82,6 +82,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
         self._sample_owner: dict[str, str] = {}  # core request id -> user request id
+        # Seconds since each request's previous tokens, one per request that got tokens in the
+        # last process_outputs call after its first (vLLM's inter-token latency).
+        self.inter_token_latencies: list[float] = []
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     sample_params: list[SamplingParams], arrival_time: float | None = None) -> list[str]:
@@ -134,6 +137,7 @@ class OutputProcessor:
         that waits for whole results skips a snapshot of every request every step), and core
         ids to abort (a stop string was met)."""
         now = time.time()
+        self.inter_token_latencies = []
         updated: dict[str, RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -151,6 +155,8 @@ class OutputProcessor:
                 m = state.metrics
                 if m.first_token_time is None:
                     m.first_token_time = now
+                elif m.last_token_time != now:  # the request's first sample in this step
+                    self.inter_token_latencies.append(now - m.last_token_time)
                 m.last_token_time = now
                 m.num_generation_tokens += len(out.new_token_ids)
                 stopped = self._append(sample, out)

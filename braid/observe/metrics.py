@@ -42,7 +42,10 @@ class EngineMetrics:
         for reason in ("stop", "length", "abort"):  # every series exists from the start, as vLLM's
             self._success.labels(model_name, reason)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
-        self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between a request's successive outputs "
+                             "(one observation per request per step after its first token).")
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Per request: mean time per output token after the first.")
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.")
         self._last = SchedulerStats()
 
@@ -58,6 +61,10 @@ class EngineMetrics:
         if stats.prefix_cache_queries:
             self.prefix_cache_hit_rate.set(stats.prefix_cache_hits / stats.prefix_cache_queries)
         self._last = stats
+
+    def record_inter_token_latencies(self, seconds: list[float]) -> None:
+        for s in seconds:
+            self.itl.observe(s)
 
     def record_tokens(self, prompt_tokens: int, generation_tokens: int) -> None:
         if prompt_tokens:

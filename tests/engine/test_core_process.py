@@ -123,5 +123,7 @@ def test_abandoned_requests_count_as_aborted_in_the_metrics(tiny):
 
         assert asyncio.run(scenario())[-1].finished
         assert (finished("length"), finished("abort")) == (1, 2)  # the abandoned request's two samples
+        itl = metrics.registry.get_sample_value("braid:inter_token_latency_seconds_count", {"model_name": "m"})
+        assert itl >= 2  # the finished request's 3 tokens came in at least 2 later steps than its first
     finally:
         llm.shutdown()

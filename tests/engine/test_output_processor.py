@@ -42,12 +42,14 @@ def test_time_per_output_token_counts_steps_not_the_tokens_of_all_samples():
     processor = OutputProcessor(load_tokenizer(default_model_path()))
     params = SamplingParams(max_tokens=4)
     ids = processor.add_request("r", "hi", [1, 2], [params, params], arrival_time=0.0)
-    last = None
+    last, intervals = None, []
     for step in range(4):
         with mock.patch("braid.engine.output_processor.time.time", return_value=1.0 + step):
             results, _ = processor.process_outputs([EngineCoreOutput(i, [100 + step], finish_reason=(
                 "length" if step == 3 else None)) for i in ids])
         last = results[0]
+        intervals.append(processor.inter_token_latencies)
+    assert intervals == [[], [1.0], [1.0], [1.0]]  # one per request and step, none before its first token
     m = last.metrics
     assert m.num_generation_tokens == 8 and m.max_sample_tokens == 4
     assert m.time_to_first_token == 1.0 and m.time_per_output_token == 1.0

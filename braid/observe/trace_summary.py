@@ -105,8 +105,17 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
     thread_names: dict[tuple[int, int], str] = {}
     spans: list[tuple[int, int, str, float, float, dict, str]] = []   # pid, tid, name, ts, dur, args, cat
     counters: dict[str, list[float]] = defaultdict(list)
+    file_ranges: list[tuple[float, float]] = []
+    empty: list[str] = []
     for path in files:
-        for ev in load_trace_events(path):
+        events = load_trace_events(path)
+        stamps = [(float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0.0))) for ev in events
+                  if isinstance(ev.get("ts"), (int, float)) and isinstance(ev.get("dur", 0.0), (int, float))]
+        if stamps:
+            file_ranges.append((min(s for s, _ in stamps), max(e for _, e in stamps)))
+        else:
+            empty.append(path)
+        for ev in events:
             ph = ev.get("ph")
             pid = ev.get("pid", 0)
             if ph == "M":
@@ -134,7 +143,14 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
         is_gpu = sp[6] == "gpu" or thread_names.get((sp[0], sp[1]), "").startswith("GPU")
         (gpu_spans if is_gpu else cpu_spans).append(sp)
 
-    summary: dict = {"files": files, "processes": {str(pid): name for pid, name in sorted(proc_names.items())}}
+    summary: dict = {"files": files, "processes": {str(pid): name for pid, name in sorted(proc_names.items())},
+                     "warnings": []}
+    if empty:
+        summary["warnings"].append(f"{len(empty)} file(s) with no timed events: {', '.join(empty[:3])}")
+    runs = _separate_runs(file_ranges)
+    if runs > 1:
+        summary["warnings"].append(f"the files come from {runs} runs that do not overlap in time; rates and "
+                                   f"fractions below span all of them (summarize one run's files)")
 
     # ---- GPU busy fraction --------------------------------------------------------------------
     gpu: dict = {"num_spans": len(gpu_spans), "window_ms": 0.0, "start_us": None, "end_us": None,
@@ -194,9 +210,12 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for pid, _, name, _, dur, _, _ in cpu_spans:
         groups[(proc(pid), name)].append(dur)
+    own_steps: dict[str, int] = defaultdict(int)  # a process's own steps (an engine core); else all steps
+    for sp in steps:
+        own_steps[proc(sp[0])] += 1
     summary["cpu_spans"] = [
         {"process": p, "name": n, "count": len(d), "total_ms": _ms(sum(d)), "mean_ms": _ms(sum(d) / len(d)),
-         "per_step_ms": _ms(sum(d) / len(steps)) if steps else None}
+         "per_step_ms": _ms(sum(d) / (own_steps.get(p) or len(steps))) if steps else None}
         for (p, n), d in sorted(groups.items(), key=lambda kv: (kv[0][0], -sum(kv[1])))]
 
     # ---- GPU idle gaps -----------------------------------------------------------------------
@@ -232,6 +251,18 @@ def summarize(trace_dir_or_files, top: int = 10) -> dict:
     summary["counters"] = {k: {"samples": len(v), "mean": sum(v) / len(v), "max": max(v), "last": v[-1]}
                            for k, v in sorted(counters.items())}
     return summary
+
+
+def _separate_runs(ranges: list[tuple[float, float]]) -> int:
+    """How many groups of files whose time ranges chain together by overlapping."""
+    runs, end = 0, None
+    for start, stop in sorted(ranges):
+        if end is None or start > end:
+            runs += 1
+            end = stop
+        else:
+            end = max(end, stop)
+    return runs
 
 
 def dbo_overlap(gpu_spans, gpu_of) -> dict | None:
@@ -271,6 +302,8 @@ def format_summary(summary: dict, top: int | None = None) -> str:
     out: list[str] = []
     procs = ", ".join(f"{n}[{p}]" for p, n in summary["processes"].items()) or "?"
     out.append(f"braid trace: {len(summary['files'])} file(s); processes: {procs}")
+    for warning in summary.get("warnings", []):
+        out.append(f"WARNING: {warning}")
     gpu = summary["gpu"]
     out.append("")
     if gpu["num_spans"]:

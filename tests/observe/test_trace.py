@@ -467,6 +467,24 @@ def test_summary_of_synthetic_traces(tmp_path):
     assert "Largest GPU idle gaps (2)" in text and "step 1.900" in text
 
 
+def test_summary_warns_about_separate_runs_and_empty_files(tmp_path):
+    d = _synthetic(tmp_path)
+    assert summarize(str(d))["warnings"] == []
+    # A second engine core, a minute after the first run: another run in the same directory.
+    later = [{"ph": "M", "name": "process_name", "pid": 300, "tid": 0, "args": {"name": "engine-core"}}]
+    later += [{"ph": "X", "name": "step", "cat": "cpu", "ts": 60e6 + i * 1000, "dur": 500, "pid": 300, "tid": 1}
+              for i in range(3)]
+    later += [{"ph": "X", "name": "schedule", "cat": "cpu", "ts": 60e6, "dur": 300, "pid": 300, "tid": 1}]
+    (d / "braid-trace-engine-core-300.json").write_text(json.dumps({"traceEvents": later}))
+    (d / "braid-trace-engine-core-400.json").write_text("")
+    s = summarize(str(d))
+    assert any("2 runs" in w for w in s["warnings"]) and any("no timed events" in w for w in s["warnings"])
+    cpu = {(c["process"], c["name"]): c for c in s["cpu_spans"]}
+    assert cpu[("engine-core[300]", "schedule")]["per_step_ms"] == pytest.approx(0.1)  # its own 3 steps
+    assert cpu[("engine-core[100]", "schedule")]["per_step_ms"] == pytest.approx(0.15)  # its own 4
+    assert "WARNING: the files come from 2 runs" in format_summary(s)
+
+
 def test_summary_accepts_files_and_several_gpus(tmp_path):
     d = _synthetic(tmp_path)
     rank1 = [{"ph": "M", "name": "process_name", "pid": 300, "tid": 0, "args": {"name": "worker-rank1"}},

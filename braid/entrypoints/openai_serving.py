@@ -123,6 +123,9 @@ class OpenAIServing:
             raise bad_request(f"n must be in [1, {MAX_N}], got {request.n}", "n")
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
+        if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+            raise bad_request("stream_options.continuous_usage_stats is not supported by braid (include_usage is)",
+                              "stream_options")
         if request.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         extra = request.model_extra or {}

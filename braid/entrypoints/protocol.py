@@ -44,6 +44,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's usage in every chunk: refused when true (not built)
 
 
 class ResponseFormat(_Request):

@@ -73,6 +73,8 @@ COMPLETION_CASES = {
     "stop wrong type": ({"stop": 7}, "stop"),
     "stop_token_ids out of vocab": ({"stop_token_ids": [10**6]}, "stop_token_ids"),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, "stream_options"),
+    "continuous usage stats": ({"stream": True, "stream_options": {"include_usage": True,
+                                                                   "continuous_usage_stats": True}}, "stream_options"),
     "suffix": ({"suffix": "!"}, "suffix"),
     "logit_bias": ({"logit_bias": {"5": 10}}, "logit_bias"),
     # vLLM extensions braid lacks: never silently ignored

@@ -17,7 +17,7 @@ from braid.sampling_params import SamplingParams
 def main() -> int:
     tmp = tempfile.mkdtemp()
     model = os.path.join(tmp, "model")
-    subprocess.run([sys.executable, "-m", "braid.bench.shapes", "smollm2-135m", model], check=True,
+    subprocess.run([sys.executable, "-m", "braid.bench.shapes", "llama3-8b", model], check=True,
                    capture_output=True)
     trace = os.path.join(tmp, "trace")
     llm = AsyncLLM.from_engine_args(EngineArgs(model=model, load_format="dummy", tensor_parallel_size=2,
@@ -37,7 +37,7 @@ def main() -> int:
         "braid-trace-engine-core", "braid-trace-worker-0", "braid-trace-worker-1"]
     dirs = set(glob.glob("/dev/shm/braid-dist-*"))
     bad = os.path.join(tmp, "bad")
-    subprocess.run([sys.executable, "-m", "braid.bench.shapes", "smollm2-135m", bad], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "braid.bench.shapes", "llama3-8b", bad], check=True, capture_output=True)
     from safetensors.torch import save_file
     import torch
     save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, os.path.join(bad, "model.safetensors"))

@@ -113,9 +113,10 @@ class EngineCoreProc:
 
 
 def _stop(core, code: int) -> None:
-    """Kill the workers, so none is left in a collective; write out what the trace still
-    buffers (os._exit skips the tracer's atexit flush, and a served --trace-dir run ends
-    here); exit. A SIGTERM from now on exits at once: the client's kill follows in 5 s anyway."""
+    """Write out what the core's trace still buffers (os._exit skips the tracer's atexit
+    flush, and a served --trace-dir run ends here); stop the workers, so none is left in a
+    collective (in order when tracing and healthy, so they write theirs too; else killed);
+    exit. A SIGTERM from now on exits at once: the client's kill follows in 5 s anyway."""
     signal.signal(signal.SIGTERM, _exit_now)
     try:
         try:

@@ -27,3 +27,9 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+def require_silu(hidden_act: str, what: str) -> None:
+    """The gated MLPs here compute SiLU(gate) * up; 'swish' is transformers' alias of SiLU."""
+    if hidden_act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {hidden_act!r} for {what}: only 'silu' is implemented")

@@ -36,7 +36,7 @@ def _check_shape(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
         raise ValueError(f"shape mismatch loading {what}: parameter shard {tuple(param.shape)}, checkpoint slice {tuple(loaded.shape)}")
 
 
-def _check_full_shape(loaded: torch.Tensor, expected: tuple, what: str) -> None:
+def check_full_shape(loaded: torch.Tensor, expected: tuple, what: str) -> None:
     """The whole checkpoint tensor, before any slicing: a larger one would otherwise be cut
     down to the rows this rank reads and load without a word."""
     if tuple(loaded.shape) != tuple(expected):
@@ -119,7 +119,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         size = param.shape[0]
-        _check_full_shape(loaded_weight, (size * self.tp_size, *param.shape[1:]), type(self).__name__)
+        check_full_shape(loaded_weight, (size * self.tp_size, *param.shape[1:]), type(self).__name__)
         _copy(param, loaded_weight.narrow(0, self.tp_rank * size, size), type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         if shard_id is None:  # an already fused checkpoint tensor: split it into its parts
-            _check_full_shape(loaded_weight, (sum(self.output_sizes), *param.shape[1:]), "MergedColumnParallelLinear")
+            check_full_shape(loaded_weight, (sum(self.output_sizes), *param.shape[1:]), "MergedColumnParallelLinear")
             offset = 0
             for i, size in enumerate(self.output_sizes):
                 self.weight_loader(param, loaded_weight.narrow(0, offset, size), i)
@@ -150,7 +150,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"MergedColumnParallelLinear: shard_id must be in 0..{len(self.output_sizes) - 1}, got {shard_id!r}")
-        _check_full_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]),
+        check_full_shape(loaded_weight, (self.output_sizes[shard_id], *param.shape[1:]),
                           f"MergedColumnParallelLinear shard {shard_id}")
         shard_size = self.output_sizes[shard_id] // self.tp_size
         shard_offset = sum(self.output_sizes[:shard_id]) // self.tp_size
@@ -194,7 +194,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # an already fused qkv checkpoint tensor
             q = self.total_num_heads * self.head_size
             kv = self.total_num_kv_heads * self.head_size
-            _check_full_shape(loaded_weight, (q + 2 * kv, *param.shape[1:]), "QKVParallelLinear")
+            check_full_shape(loaded_weight, (q + 2 * kv, *param.shape[1:]), "QKVParallelLinear")
             self.weight_loader(param, loaded_weight.narrow(0, 0, q), "q")
             self.weight_loader(param, loaded_weight.narrow(0, q, kv), "k")
             self.weight_loader(param, loaded_weight.narrow(0, q + kv, kv), "v")
@@ -208,7 +208,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             raise ValueError(f"QKVParallelLinear: shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
-        _check_full_shape(loaded_weight, (heads * self.head_size, *param.shape[1:]), f"QKVParallelLinear shard {shard_id}")
+        check_full_shape(loaded_weight, (heads * self.head_size, *param.shape[1:]), f"QKVParallelLinear shard {shard_id}")
         src = loaded_weight.narrow(0, rank * size, size)
         _copy(param.data.narrow(0, offset, size), src, f"QKVParallelLinear shard {shard_id}")
 
@@ -229,7 +229,7 @@ class RowParallelLinear(LinearBase):
             _copy(param, loaded_weight, "RowParallelLinear bias")
             return
         size = param.shape[1]
-        _check_full_shape(loaded_weight, (param.shape[0], size * self.tp_size), "RowParallelLinear")
+        check_full_shape(loaded_weight, (param.shape[0], size * self.tp_size), "RowParallelLinear")
         _copy(param, loaded_weight.narrow(1, self.tp_rank * size, size), "RowParallelLinear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

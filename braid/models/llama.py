@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from braid.distributed.parallel_state import pp_layer_range
-from braid.layers.activation import SiluAndMul
+from braid.layers.activation import SiluAndMul, require_silu
 from braid.layers.attention.layer import Attention
 from braid.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from braid.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -53,8 +53,7 @@ def head_dim_of(config: Any) -> int:
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False) -> None:
         super().__init__()
-        if hidden_act not in ("silu", "swish"):  # swish: transformers' alias of SiLU
-            raise ValueError(f"unsupported hidden_act {hidden_act!r}: only 'silu' is implemented")
+        require_silu(hidden_act, "the MLP")
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = SiluAndMul()

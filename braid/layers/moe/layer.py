@@ -20,7 +20,8 @@ from torch import nn
 from braid.distributed.comm import overlapped, tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from braid.distributed.parallel_state import get_ep_group, get_layout, get_tp_rank, get_tp_size
 from braid.forward_context import dp_padded_tokens, layer_span
-from braid.layers.linear import divide
+from braid.layers.activation import require_silu
+from braid.layers.linear import check_full_shape, divide
 from braid.layers.moe.fused_moe_ref import fused_experts_ref
 from braid.layers.moe.routing import softmax_topk
 
@@ -40,8 +41,8 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool = True, route: Callable | None = None, hidden_act: str = "silu") -> None:
         super().__init__()
-        if hidden_act not in ("silu", "swish"):  # the fused kernels compute SiLU(gate) * up (swish: its HF alias)
-            raise ValueError(f"unsupported hidden_act {hidden_act!r} for the experts: only 'silu' is implemented")
+        require_silu(hidden_act, "the experts")  # the fused kernels compute SiLU(gate) * up
+        self.hidden_size = hidden_size
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.route = route or (lambda logits: softmax_topk(logits, top_k, renormalize))
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
@@ -80,15 +81,13 @@ class FusedMoE(nn.Module):
         else:
             lo, hi = self.tp_rank * self.inter, (self.tp_rank + 1) * self.inter
         full_inter = self.inter if self.ep_size > 1 else self.inter * self.tp_size
-        hidden = param.shape[-1] if shard_id in ("w1", "w3") else param.shape[1]
-        expected = (full_inter, hidden) if shard_id in ("w1", "w3") else (hidden, full_inter)
-        if shard_id in ("w1", "w2", "w3") and tuple(loaded.shape) != expected:  # before slicing: see linear.py
-            raise ValueError(f"shape mismatch loading expert {expert_id + self.first_expert} {shard_id}: the model's "
-                             f"config gives {expected}, the checkpoint has {tuple(loaded.shape)}")
+        what = f"expert {expert_id + self.first_expert} {shard_id}"
         if shard_id in ("w1", "w3"):
+            check_full_shape(loaded, (full_inter, self.hidden_size), what)
             part = loaded[lo:hi]
             dst = param[expert_id, : self.inter] if shard_id == "w1" else param[expert_id, self.inter:]
         elif shard_id == "w2":
+            check_full_shape(loaded, (self.hidden_size, full_inter), what)
             part, dst = loaded[:, lo:hi], param[expert_id]
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")

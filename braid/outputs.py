@@ -33,27 +33,58 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """Timing of one request (vLLM's clocks). TTFT and end-to-end latency are wall-clock
+    (time.time()) from arrival_time, which a caller may give; every other interval is taken on
+    monotonic clocks (*_ts), which a wall-clock adjustment cannot bend: the front end's for the
+    tokens, the engine core's for queueing (same host: one system-wide monotonic clock)."""
+
     arrival_time: float
     first_token_time: float | None = None
-    last_token_time: float | None = None
     finished_time: float | None = None
+    queued_ts: float | None = None  # the engine core took the request in
+    scheduled_ts: float | None = None  # the engine core first scheduled it
+    first_token_ts: float | None = None
+    last_token_ts: float | None = None
     num_generation_tokens: int = 0  # over all of the request's samples
     max_sample_tokens: int = 0  # of its longest sample: n samples advance together, one token each per step
 
+    @staticmethod
+    def _between(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else end - start
+
     @property
     def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        return self._between(self.arrival_time, self.first_token_time)
 
     @property
     def time_per_output_token(self) -> float | None:
         """Mean time between output tokens after the first."""
-        if self.first_token_time is None or self.last_token_time is None or self.max_sample_tokens < 2:
-            return None
-        return (self.last_token_time - self.first_token_time) / (self.max_sample_tokens - 1)
+        decode = self.decode_time
+        return None if decode is None or self.max_sample_tokens < 2 else decode / (self.max_sample_tokens - 1)
 
     @property
     def e2e_latency(self) -> float | None:
-        return None if self.finished_time is None else self.finished_time - self.arrival_time
+        return self._between(self.arrival_time, self.finished_time)
+
+    @property
+    def queue_time(self) -> float | None:
+        """Waiting in the engine core before its first schedule."""
+        return self._between(self.queued_ts, self.scheduled_ts)
+
+    @property
+    def prefill_time(self) -> float | None:
+        """First schedule to first token."""
+        return self._between(self.scheduled_ts, self.first_token_ts)
+
+    @property
+    def decode_time(self) -> float | None:
+        """First token to last token."""
+        return self._between(self.first_token_ts, self.last_token_ts)
+
+    @property
+    def inference_time(self) -> float | None:
+        """First schedule to last token: prefill plus decode."""
+        return self._between(self.scheduled_ts, self.last_token_ts)
 
 
 @dataclass

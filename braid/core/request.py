@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import time
 
 from braid.engine.messages import EngineCoreRequest
 
@@ -46,6 +47,10 @@ class Request:
         # and steps holding this request that have not reported back yet.
         self.num_output_placeholders = 0
         self.num_in_flight_steps = 0
+        # Monotonic: taken in, first scheduled; sent to the front end once, with its first output.
+        self.queued_ts = time.monotonic()
+        self.scheduled_ts: float | None = None
+        self.timing_reported = False
 
     @functools.cached_property
     def stop_token_ids(self) -> set[int]:

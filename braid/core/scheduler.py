@@ -22,6 +22,7 @@ placeholders advance by N at once, and each pass reports back on its own.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 from braid.config import SchedulerConfig
@@ -226,6 +227,8 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
                 self.kv.record_prefix_lookup(request.num_tokens, num_cached)
+            if request.scheduled_ts is None:
+                request.scheduled_ts = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             new_reqs.append(
@@ -320,6 +323,8 @@ class Scheduler:
             if not new_tokens and prompt_lps is None:
                 continue
             lps = runner_output.logprobs[idx]
+            first_output = not request.timing_reported
+            request.timing_reported = True
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
@@ -329,6 +334,8 @@ class Scheduler:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    queued_ts=request.queued_ts if first_output else None,
+                    scheduled_ts=request.scheduled_ts if first_output else None,
                 )
             )
             if request.is_finished():

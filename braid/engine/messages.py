@@ -34,6 +34,9 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    # The core's monotonic clock: when it took the request in and first scheduled it (first output only).
+    queued_ts: float | None = None
+    scheduled_ts: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -136,7 +136,7 @@ class OutputProcessor:
         """Returns the updated request outputs (only the finished ones with final_only: a caller
         that waits for whole results skips a snapshot of every request every step), and core
         ids to abort (a stop string was met)."""
-        now = time.time()
+        now, now_ts = time.time(), time.monotonic()
         self.inter_token_latencies = []
         updated: dict[str, RequestState] = {}
         to_abort: list[str] = []
@@ -151,13 +151,15 @@ class OutputProcessor:
             if out.new_prompt_logprobs and state.prompt_logprobs is not None and sample.index == 0:
                 state.prompt_logprobs.extend(self._logprob_dicts(out.new_prompt_logprobs))
             state.num_cached_tokens = out.num_cached_tokens
+            m = state.metrics
+            if out.scheduled_ts is not None and (m.scheduled_ts is None or out.scheduled_ts < m.scheduled_ts):
+                m.queued_ts, m.scheduled_ts = out.queued_ts, out.scheduled_ts  # the first of its samples
             if out.new_token_ids:
-                m = state.metrics
-                if m.first_token_time is None:
-                    m.first_token_time = now
-                elif m.last_token_time != now:  # the request's first sample in this step
-                    self.inter_token_latencies.append(now - m.last_token_time)
-                m.last_token_time = now
+                if m.first_token_ts is None:
+                    m.first_token_time, m.first_token_ts = now, now_ts
+                elif m.last_token_ts != now_ts:  # the request's first sample in this step
+                    self.inter_token_latencies.append(now_ts - m.last_token_ts)
+                m.last_token_ts = now_ts
                 m.num_generation_tokens += len(out.new_token_ids)
                 stopped = self._append(sample, out)
                 m.max_sample_tokens = max(m.max_sample_tokens, len(sample.token_ids))

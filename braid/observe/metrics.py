@@ -8,6 +8,7 @@ from braid.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))  # 1, 2, 5, 10, ... 500000
 
 
 class EngineMetrics:
@@ -21,9 +22,8 @@ class EngineMetrics:
         def counter(name, doc):
             return Counter(f"braid:{name}", doc, labels, registry=self.registry).labels(model_name)
 
-        def histogram(name, doc):
-            return Histogram(f"braid:{name}", doc, labels, buckets=_LATENCY_BUCKETS,
-                             registry=self.registry).labels(model_name)
+        def histogram(name, doc, buckets=_LATENCY_BUCKETS):
+            return Histogram(f"braid:{name}", doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
 
         self.num_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
@@ -47,6 +47,14 @@ class EngineMetrics:
         self.tpot = histogram("request_time_per_output_token_seconds",
                               "Per request: mean time per output token after the first.")
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.")
+        self.queue_time = histogram("request_queue_time_seconds", "Time waiting in the engine before the first schedule.")
+        self.prefill_time = histogram("request_prefill_time_seconds", "First schedule to first token.")
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token.")
+        self.inference_time = histogram("request_inference_time_seconds", "First schedule to last token.")
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per finished request.",
+                                               _TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request (all samples).", _TOKEN_COUNT_BUCKETS)
         self._last = SchedulerStats()
 
     def record_stats(self, stats: SchedulerStats) -> None:
@@ -79,12 +87,14 @@ class EngineMetrics:
     def record_finished(self, output: RequestOutput) -> None:
         for completion in output.outputs:
             self._success.labels(self._model_name, completion.finish_reason or "abort").inc()
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
         m = output.metrics
         if m is None:
             return
-        if m.time_to_first_token is not None:
-            self.ttft.observe(m.time_to_first_token)
-        if m.time_per_output_token is not None:
-            self.tpot.observe(m.time_per_output_token)
-        if m.e2e_latency is not None:
-            self.e2e.observe(m.e2e_latency)
+        self.request_generation_tokens.observe(m.num_generation_tokens)
+        for histogram, seconds in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),
+                                   (self.e2e, m.e2e_latency), (self.queue_time, m.queue_time),
+                                   (self.prefill_time, m.prefill_time), (self.decode_time, m.decode_time),
+                                   (self.inference_time, m.inference_time)):
+            if seconds is not None:
+                histogram.observe(seconds)

@@ -88,6 +88,18 @@ def test_eos_stops_unless_ignored(llm):
     assert ignored.finish_reason == "length" and len(ignored.token_ids) == len(out.token_ids) + 5
 
 
+def test_a_request_queued_behind_a_full_batch_reports_its_queue_time(smollm2_path):
+    """With room for one sequence, the second request waits in the core's queue until the first
+    has finished: its queue time covers the first's whole inference time."""
+    one_at_a_time = LLM(smollm2_path, max_model_len=128, kv_cache_memory="32MiB", max_num_seqs=1)
+    first, second = (o.metrics for o in one_at_a_time.generate(
+        ["Hello", "Goodbye"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False))
+    for m in (first, second):
+        assert m.queued_ts <= m.scheduled_ts <= m.first_token_ts < m.last_token_ts
+    assert second.scheduled_ts > first.last_token_ts
+    assert second.queue_time > first.inference_time > first.decode_time > 0
+
+
 def test_metrics_and_text_round_trip(llm):
     out = llm.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)[0]

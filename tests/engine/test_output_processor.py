@@ -44,7 +44,8 @@ def test_time_per_output_token_counts_steps_not_the_tokens_of_all_samples():
     ids = processor.add_request("r", "hi", [1, 2], [params, params], arrival_time=0.0)
     last, intervals = None, []
     for step in range(4):
-        with mock.patch("braid.engine.output_processor.time.time", return_value=1.0 + step):
+        with mock.patch("braid.engine.output_processor.time.time", return_value=1.0 + step), \
+                mock.patch("braid.engine.output_processor.time.monotonic", return_value=101.0 + step):
             results, _ = processor.process_outputs([EngineCoreOutput(i, [100 + step], finish_reason=(
                 "length" if step == 3 else None)) for i in ids])
         last = results[0]
@@ -53,3 +54,23 @@ def test_time_per_output_token_counts_steps_not_the_tokens_of_all_samples():
     m = last.metrics
     assert m.num_generation_tokens == 8 and m.max_sample_tokens == 4
     assert m.time_to_first_token == 1.0 and m.time_per_output_token == 1.0
+
+
+def test_queue_prefill_decode_times_come_from_the_core_schedule_and_the_token_times():
+    """The core reports when it took each sample in and first scheduled it (monotonic); the
+    request's times start from its earliest-scheduled sample; tokens are timed on arrival."""
+    from unittest import mock
+
+    processor = OutputProcessor(load_tokenizer(default_model_path()))
+    params = SamplingParams(max_tokens=3)
+    a, b = processor.add_request("r", "hi", [1, 2], [params, params], arrival_time=0.0)
+    schedule = {a: (10.0, 12.0), b: (10.0, 11.5)}  # sample b was scheduled first
+    for step in range(3):
+        outputs = [EngineCoreOutput(i, [7], finish_reason="length" if step == 2 else None,
+                                    **(dict(zip(("queued_ts", "scheduled_ts"), schedule[i])) if step == 0 else {}))
+                   for i in (a, b)]
+        with mock.patch("braid.engine.output_processor.time.monotonic", return_value=14.0 + 2 * step):
+            results, _ = processor.process_outputs(outputs)
+    m = results[0].metrics
+    assert (m.queue_time, m.prefill_time, m.decode_time, m.inference_time) == (1.5, 2.5, 4.0, 6.5)
+    assert m.time_per_output_token == 2.0

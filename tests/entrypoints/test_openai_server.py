@@ -292,6 +292,9 @@ def test_health_version_metrics(server, client):
     m = server.wait_idle()
     assert m["braid:kv_cache_usage_perc"] == 0 and m["braid:num_requests_running"] == 0
     assert m["braid:generation_tokens_total"] == before + 3
+    for phase in ("queue", "prefill", "decode", "inference"):  # every finished request observes each
+        assert m[f"braid:request_{phase}_time_seconds_count"] == m["braid:e2e_request_latency_seconds_count"] > 0
+    assert m["braid:request_prompt_tokens_count"] == m["braid:e2e_request_latency_seconds_count"]
 
 
 def test_registering_serve_keeps_the_cli_light():

@@ -55,6 +55,18 @@ def next_further_pass(in_flight, num_launches: int, shares: int) -> "LaunchedBat
     return min(ready, key=lambda b: b.last_launch, default=None)
 
 
+def check_kv_holds_max_len(num_blocks: int, config: EngineConfig) -> None:
+    """A pool (per replica) that cannot hold one --max-model-len request would leave such a
+    request waiting forever: refuse to start instead."""
+    max_len = config.scheduler.max_model_len
+    if num_blocks * config.cache.block_size < max_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * config.cache.block_size} tokens, fewer than --max-model-len "
+            f"({max_len}); lower --max-model-len or give the cache more memory "
+            f"(--gpu-memory-utilization / --kv-cache-memory)"
+        )
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         freeze_startup_heap()
@@ -79,13 +91,7 @@ class EngineCore:
 
     def _init_cache_and_scheduler(self, config: EngineConfig) -> None:
         num_blocks = self.executor.determine_num_blocks()
-        max_len = config.scheduler.max_model_len
-        if num_blocks * config.cache.block_size < max_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks * config.cache.block_size} tokens, fewer than --max-model-len "
-                f"({max_len}); lower --max-model-len or give the cache more memory "
-                f"(--gpu-memory-utilization / --kv-cache-memory)"
-            )
+        check_kv_holds_max_len(num_blocks, config)
         self.executor.initialize_kv_cache(num_blocks)
         self.kv_cache_manager = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)

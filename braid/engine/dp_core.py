@@ -27,6 +27,7 @@ from braid.config import EngineConfig
 from braid.core.kv_cache_manager import KVCacheManager
 from braid.core.request import Request
 from braid.core.scheduler import Scheduler
+from braid.engine.core import check_kv_holds_max_len
 from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from braid.observe.trace import make_tracer
 
@@ -79,6 +80,7 @@ class DPEngineCore:
         self.executor = executor_cls(config, self.tracer)
         try:
             num_blocks = self.executor.determine_num_blocks()
+            check_kv_holds_max_len(num_blocks, config)  # each replica's pool, as without DP
             self.executor.initialize_kv_cache(num_blocks)
         except BaseException:
             self.executor.shutdown()

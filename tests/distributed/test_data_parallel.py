@@ -114,3 +114,11 @@ def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--all2all-backend must be one of allgather_reducescatter, all_to_all"):
         EngineArgs(model=model, data_parallel_size=2, enable_expert_parallel=True,
                    all2all_backend="pplx").create_engine_config()
+
+
+def test_dp_refuses_a_kv_cache_smaller_than_max_model_len(tmp_path):
+    """As without DP: a replica's pool that cannot hold one --max-model-len request fails the
+    start (it used to start, and such a request then waited forever)."""
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")  # 512 bytes of KV per token
+    with pytest.raises(ValueError, match="fewer than --max-model-len"):
+        LLM(model, kv_cache_memory="256KiB", max_model_len=1024, data_parallel_size=2)

@@ -38,6 +38,17 @@ def _attention_params(cfg: dict) -> tuple[int, int]:
     return h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h, 2 * 2 * kv_heads * head_dim
 
 
+def _attention_widths(cfg: dict) -> tuple[int, int]:
+    """(width of Q.K^T, width of P.V) summed over heads: the attention matmuls' inner sizes.
+    Not hidden_size in general (Qwen3-30B-A3B: 32 heads x 128 = 4096 vs 2048; MLA prefill:
+    heads x (nope + rope) for Q.K^T, heads x v_head_dim for P.V)."""
+    heads = cfg["num_attention_heads"]
+    if cfg.get("kv_lora_rank"):
+        return heads * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]), heads * cfg["v_head_dim"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return heads * head_dim, heads * head_dim
+
+
 def _mlp_params(cfg: dict, batch: int) -> tuple[float, float]:
     """(MLP parameters read per step for `batch` tokens, MLP parameters used per token), summed over layers.
     MoE layers read the experts the batch touches (expected distinct of E drawn k at a time)."""
@@ -64,9 +75,11 @@ def w1_floor(cfg: dict, num_requests: int, prompt_len: int, output_len: int, wav
     other_bytes = 2 * (layers * (attn_params + 2 * h) + h * vocab + h)  # + norms, LM head; embedding rows gathered
     _, mlp_used = _mlp_params(cfg, 1)
     per_token_params = layers * attn_params + mlp_used
-    # Prefill: 2 FLOPs per parameter used per token (LM head only for the last token) + causal attention.
+    # Prefill: 2 FLOPs per parameter used per token (LM head only for the last token) + causal
+    # attention: 2 FLOPs per multiply-add of Q.K^T and P.V over the causal half of the P x P scores.
+    qk, pv = _attention_widths(cfg)
     prefill_flops = num_requests * (2 * per_token_params * prompt_len + 2 * h * vocab
-                                    + layers * 2 * 2 * h * prompt_len * prompt_len / 2)
+                                    + layers * 2 * (qk + pv) * prompt_len * prompt_len / 2)
     decode_s = 0.0
     for start in range(0, num_requests, wave):
         batch = min(wave, num_requests - start)

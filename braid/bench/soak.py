@@ -31,6 +31,8 @@ from typing import Any
 import aiohttp
 import psutil
 
+from braid.bench.run_info import run_info
+
 PROMPTS = [
     "Count from {i} to {j}.",
     "Write a short poem about the number {i}.",
@@ -441,9 +443,13 @@ def _table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = make_plan(args.num_requests, args.abort_fraction, args.seed)
+    # The git commit, torch version and host, as every benchmark result records them; taken
+    # before the server starts, whose start-up would slow the host timing in it.
+    info = run_info()
     port = free_port()
     server = Server(args.model, port, args.server_arg, args.device)
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}, "server_cmd": server.cmd}
+    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}, "server_cmd": server.cmd,
+                              "run_info": info}
     try:
         model = asyncio.run(_wait_healthy(server, args.startup_timeout))
         sampler = RssSampler(server)

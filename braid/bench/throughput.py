@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from typing import Any
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "device": str(config.device.device), "attention_backend": config.device.attention_backend,
                      "max_model_len": config.model.max_model_len,
                      "max_num_batched_tokens": config.scheduler.max_num_batched_tokens},
+        # The model's shape: with --load-format dummy the model path is often a temporary folder.
+        "model_config": json.loads(config.model.hf_config.to_json_string(use_diff=False)),
     }
     return {"benchmark": "throughput", "config": config_out, "summary": summary, "output_lens": output_lens}
 

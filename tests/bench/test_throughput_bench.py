@@ -33,6 +33,10 @@ def test_throughput_json(tmp_path, capsys):
     assert (cfg["num_prompts"], cfg["input_len"], cfg["output_len"]) == (5, 12, 7)
     assert cfg["engine_args"]["max_num_seqs"] == 4 and cfg["engine_args"]["model"] == str(model)
     assert cfg["resolved"]["device"] == "cpu"
+    with open(f"{model}/config.json") as f:  # the model's shape, not only its (maybe temporary) path
+        shape = json.load(f)
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "vocab_size"):
+        assert cfg["model_config"][key] == shape[key], key
     s = result["summary"]
     assert s["num_requests"] == 5
     assert s["total_prompt_tokens"] == 5 * 12

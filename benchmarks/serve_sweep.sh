@@ -21,7 +21,8 @@ for _ in $(seq 1 180); do
 done
 python -m braid.entrypoints.cli bench serve --base-url "http://127.0.0.1:$port" --model "$shape" \
   --input-len 512 --output-len 256 --num-prompts 256 --prompts-per-concurrency 4 \
-  --max-concurrency "$concurrency" --num-warmups 2 --result-json "$out/serve_$tag.json" $plot
+  --max-concurrency "$concurrency" --num-warmups 2 --result-json "$out/serve_$tag.json" $plot \
+  --metadata "shape=$shape" "server_args=--load-format dummy --dtype bfloat16 --max-model-len 1024 --no-enable-prefix-caching $*"
 rc=$?
 kill -TERM $server; wait $server
 pgrep -f braid-engine-core && echo "WARNING: engine core left behind"

@@ -460,6 +460,17 @@ def _parse_list(text: str, conv, name: str) -> list:
     return out
 
 
+def _parse_metadata(items: list[str] | None) -> dict[str, str]:
+    """--metadata KEY=VALUE ...: what the client cannot see, such as the server's flags."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--metadata takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def build_requests(args: argparse.Namespace, seed: int, num_prompts: int) -> list[SampleRequest]:
     tokenizer = _load_tokenizer(args.tokenizer)
     if args.dataset == "random":
@@ -567,6 +578,7 @@ def main(args: argparse.Namespace) -> int:
         args.max_concurrency_list = _parse_list(args.max_concurrency, int, "--max-concurrency") \
             if args.max_concurrency is not None else [None]
         args.request_rate_list = _parse_list(args.request_rate, float, "--request-rate")
+        metadata = _parse_metadata(args.metadata)
         _validate(args)
         result = asyncio.run(_benchmark(args))
     except (ValueError, RuntimeError, OSError, aiohttp.ClientError) as e:
@@ -574,7 +586,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from braid.bench.run_info import run_info, write_result
 
-    result = {"benchmark": "serve", "config": _config(args), "run_info": run_info(), **result}
+    result = {"benchmark": "serve", "config": _config(args), "metadata": metadata, "run_info": run_info(), **result}
     if args.result_json:
         write_result(args.result_json, result)
         print(f"wrote {args.result_json}")
@@ -618,6 +630,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-run-time", type=float, default=3600.0,
                         help="seconds per run; requests still going then are cancelled and counted as failed")
     parser.add_argument("--result-json", default=None, help="write config, raw per-request numbers and summary")
+    parser.add_argument("--metadata", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recorded in the result JSON: what this client cannot see, e.g. the server's flags")
     parser.add_argument("--plot", default=None, help="PNG of latency percentiles and throughput across the sweep")
     return parser
 

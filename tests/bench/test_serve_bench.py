@@ -257,6 +257,20 @@ def test_chat_endpoint_no_usage_multi_token_chunks_and_api_key(server, tmp_path,
     assert body["temperature"] == 0.5 and "ignore_eos" not in body and "prompt" not in body
 
 
+def test_metadata_recorded(server, tmp_path, capsys):
+    """The server's flags are invisible to the client: --metadata records them in the result."""
+    out = tmp_path / "md.json"
+    rc = _run(["--base-url", server.base_url, "--model", MODEL, "--num-prompts", "1", "--input-len", "8",
+               "--output-len", "2", "--seed", str(_seed_with_clean_warmup(lambda s: _modes(1, s)[0] > 2)),
+               "--result-json", str(out), "--metadata", "server_args=--async-scheduling --max-num-seqs 256",
+               "shape=llama3-8b"])
+    assert rc == 0
+    assert json.loads(out.read_text())["metadata"] == {"server_args": "--async-scheduling --max-num-seqs 256",
+                                                      "shape": "llama3-8b"}
+    assert _run(["--base-url", server.base_url, "--metadata", "no-equals-sign"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 def test_request_timeout_counts_as_failure(server, tmp_path):
     seed = _seed_with_clean_warmup(lambda s: 2 in _modes(6, s))
     modes = _modes(6, seed)

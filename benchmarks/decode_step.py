@@ -62,6 +62,16 @@ def time_decode_steps(core: EngineCore, batch: int, context: int, steps: int, vo
     return times, kv_tokens
 
 
+def step_floor(hf, num_params: int, num_kv_heads: int, head_dim: int, batch: int, context: float) -> tuple[int, int]:
+    """(bytes a decode step must read, FLOPs of its matmuls) for `batch` requests of `context` tokens.
+    The input embedding table is only gathered (`batch` rows), never multiplied, unless it is
+    tied to the LM head: then num_params counts it once, and the LM head reads and multiplies it."""
+    embed_params = 0 if hf.tie_word_embeddings else hf.vocab_size * hf.hidden_size
+    nbytes = decode_bytes(num_params, embed_params, hf.hidden_size, batch, context, hf.num_hidden_layers,
+                          num_kv_heads, head_dim, 2)
+    return nbytes, 2 * (num_params - embed_params) * batch
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama3-8b")
@@ -88,7 +98,6 @@ def main() -> None:
     model = core.executor.worker.model_runner.model
     hf = config.model.hf_config
     num_params = sum(p.numel() for p in model.parameters())
-    embed_params = hf.vocab_size * hf.hidden_size
 
     rows = []
     for batch in batches:
@@ -102,12 +111,11 @@ def main() -> None:
         median = statistics.median(run_medians)
         # KV read per step, from the contexts actually present during the timed steps.
         mean_context = statistics.mean(kv_tokens) / batch
-        floor_bytes = decode_bytes(num_params, embed_params if not hf.tie_word_embeddings else 0, hf.hidden_size,
-                                   batch, mean_context, hf.num_hidden_layers, config.model.num_kv_heads,
-                                   config.model.head_dim, 2)
+        floor_bytes, step_flops = step_floor(hf, num_params, config.model.num_kv_heads, config.model.head_dim,
+                                             batch, mean_context)
         floor = floor_bytes / bw
         # For reference: the matmuls' FLOPs at the measured rate (large batches approach it too).
-        compute_floor = 2 * (num_params - embed_params) * batch / flops
+        compute_floor = step_flops / flops
         rows.append(dict(batch=batch, context=args.context, mean_context_timed=mean_context, step_ms_median=median * 1e3,
                          run_medians_ms=[m * 1e3 for m in run_medians],
                          step_ms_all=[t * 1e3 for t in times], floor_ms=floor * 1e3, floor_bytes=floor_bytes,

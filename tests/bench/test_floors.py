@@ -23,3 +23,20 @@ def test_w1_prefill_attention_flops(shape, qk, pv):
     # Causal attention: P^2/2 score entries, 2 FLOPs per multiply-add in Q.K^T (width qk) and P.V (width pv).
     expected = cfg["num_hidden_layers"] * 2 * (qk + pv) / 2
     assert _attention_coefficient(cfg) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_step_floor_embedding_table(tied):
+    """The input embedding table is gathered (batch rows), not multiplied; a tied table is the LM head."""
+    from types import SimpleNamespace
+
+    from benchmarks.decode_step import step_floor
+
+    v, h, layers, kv_heads, head_dim, batch, context = 1000, 64, 2, 2, 32, 4, 10
+    hf = SimpleNamespace(tie_word_embeddings=tied, vocab_size=v, hidden_size=h, num_hidden_layers=layers)
+    body = 50_000  # every weight but the embedding table and the LM head
+    num_params = body + v * h if tied else body + 2 * v * h  # a tied table is one parameter
+    nbytes, flops = step_floor(hf, num_params, kv_heads, head_dim, batch, context)
+    kv = batch * context * layers * 2 * kv_heads * head_dim * 2
+    assert nbytes == (body + v * h + batch * h) * 2 + kv  # body + LM head read once, batch embedding rows
+    assert flops == 2 * (body + v * h) * batch  # body + LM head, tied or not

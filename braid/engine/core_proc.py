@@ -44,6 +44,13 @@ class EngineCoreProc:
         self.stop_requested = False  # set by the SIGTERM handler: a plain flag is all it may touch
         threading.Thread(target=self._read_input, daemon=True, name="braid-core-input").start()
 
+    def _check_workers(self) -> None:
+        """Raise if a worker process died: an idle core runs no step that would notice, and
+        /health would say 200 until the next request failed."""
+        check = getattr(self.core.executor, "check_alive", None)  # the multiprocess executor's
+        if check is not None:
+            check()
+
     def _read_input(self) -> None:
         while True:
             try:
@@ -90,6 +97,7 @@ class EngineCoreProc:
             if time.monotonic() - last_parent_check > _IDLE_POLL_S:
                 if os.getppid() != parent_pid:  # the frontend is gone: do not linger as an orphan
                     return
+                self._check_workers()
                 last_parent_check = time.monotonic()
             if not self.core.has_unfinished_requests():
                 try:

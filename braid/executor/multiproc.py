@@ -79,7 +79,7 @@ class MultiprocExecutor:
         self.procs, self.conns = [], []
         try:
             self._writer = BroadcastWriter(ring_path, self.world_size, send_fallback=self._send_frame,
-                                           check_readers=self._check_alive)
+                                           check_readers=self.check_alive)
             # GPU hosts have a core per rank to spare: spin for new calls (the wake-up is what a
             # step waits on); CPU ranks need every core for the model, so they sleep at once.
             spin_s = 0.5 if config.device.device.type == "cuda" else 0.0
@@ -110,7 +110,8 @@ class MultiprocExecutor:
         except (BrokenPipeError, OSError):
             self._raise_dead(rank)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise WorkerError if a worker has died (an idle engine core calls it: no step would notice)."""
         for rank, proc in enumerate(self.procs):
             if not proc.is_alive():
                 self._raise_dead(rank)

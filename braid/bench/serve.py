@@ -4,9 +4,9 @@
         --input-len 1024 --output-len 128 --num-prompts 200 --max-concurrency 1,16,64 \
         --result-json out.json --plot out.png
 
-Every request streams; per request we record TTFT (first content chunk), the gaps
-between content chunks (ITL), end-to-end latency and the output token count (the
-final usage chunk when the server sends one, else the number of content chunks).
+Every request streams; per request we record TTFT (first output chunk, even one whose
+text is empty), the gaps between output chunks (ITL), end-to-end latency and the output
+token count (the final usage chunk when the server sends one, else the number of output chunks).
 Metric names follow vLLM's benchmark_serving so results line up side by side.
 """
 from __future__ import annotations
@@ -55,9 +55,9 @@ class RequestResult:
     error: str = ""
     prompt_len: int | None = None  # usage.prompt_tokens when reported, else the dataset's count
     output_tokens: int = 0
-    num_chunks: int = 0  # content chunks received
+    num_chunks: int = 0  # output chunks received (a token's text may be empty: see _carries_output)
     ttft: float = 0.0  # seconds
-    itl: list[float] = field(default_factory=list)  # seconds between content chunks
+    itl: list[float] = field(default_factory=list)  # seconds between output chunks
     e2el: float = 0.0  # seconds
     start: float = 0.0  # seconds since the run started
     usage_reported: bool = False
@@ -193,6 +193,19 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
     return choice.get("text") or ""
 
 
+def _carries_output(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk marks output tokens arriving (TTFT, ITL), even with empty text: a token
+    can add no text yet (an incomplete UTF-8 character, a skipped special token), but it was
+    generated then, and vLLM's benchmark counts that chunk too. A chat chunk that announces the
+    role with no content is no token (braid sends it before the prefill)."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False  # e.g. the final usage chunk
+    if "delta" in choices[0]:
+        return bool(_chunk_text(chunk)) or "role" not in (choices[0].get("delta") or {})
+    return True
+
+
 def _error_text(obj: Any) -> str:
     if isinstance(obj, dict):
         err = obj.get("error", obj)
@@ -255,7 +268,7 @@ async def send_request(session, url: str, headers: dict[str, str], body: dict[st
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("finish_reason"):
                     finished = True
-                if _chunk_text(chunk):
+                if _carries_output(chunk):
                     if res.num_chunks == 0:
                         res.ttft = now - start
                     else:
@@ -275,7 +288,7 @@ async def send_request(session, url: str, headers: dict[str, str], body: dict[st
     if not res.usage_reported:
         res.output_tokens = res.num_chunks
     if res.num_chunks == 0:
-        res.error = "the stream ended without any output text"
+        res.error = "the stream ended without any output"
     elif not finished:
         res.error = "the stream ended before [DONE] or a finish_reason"
     else:

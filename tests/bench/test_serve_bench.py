@@ -92,6 +92,10 @@ class FakeServer:
 
         n = int(body["max_tokens"])
         per_chunk = int(body.get("fake_tokens_per_chunk", 1))
+        empty = int(body.get("fake_empty_text_chunks", 0))  # chunks whose token adds no text yet
+        if chat:  # the role first, before any token (as braid does)
+            await send({"id": "x", "model": MODEL, "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
         await asyncio.sleep(TTFT_S)
         sent = 0
         while sent < n:
@@ -100,8 +104,10 @@ class FakeServer:
             k = min(per_chunk, n - sent)
             sent += k
             finish = "length" if sent == n else None
-            choice = ({"index": 0, "delta": {"content": "tok " * k}, "finish_reason": finish} if chat
-                      else {"index": 0, "text": "tok " * k, "finish_reason": finish})
+            text = "" if empty > 0 else "tok " * k
+            empty -= 1
+            choice = ({"index": 0, "delta": {"content": text}, "finish_reason": finish} if chat
+                      else {"index": 0, "text": text, "finish_reason": finish})
             await send({"id": "x", "model": MODEL, "choices": [choice]})
             if mode == 1:
                 await send({"error": {"message": "injected stream error", "code": 500}})
@@ -255,6 +261,21 @@ def test_chat_endpoint_no_usage_multi_token_chunks_and_api_key(server, tmp_path,
     body = server.bodies[-1]
     assert body["messages"][0]["role"] == "user" and len(body["messages"][0]["content"].split()) == 16
     assert body["temperature"] == 0.5 and "ignore_eos" not in body and "prompt" not in body
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+def test_tokens_without_text_still_arrive(server, tmp_path, endpoint):
+    """A token can add no text yet (half a UTF-8 character): its chunk is still the first token
+    (TTFT) and an ITL gap, as in vLLM's benchmark. A chat role announcement is no token."""
+    out = tmp_path / "e.json"
+    seed = _seed_with_clean_warmup(lambda s: _modes(1, s)[0] > 2)
+    rc = _run(["--base-url", server.base_url, "--model", MODEL, "--endpoint", endpoint, "--num-prompts", "1",
+               "--input-len", "8", "--output-len", "4", "--seed", str(seed), "--num-warmups", "0",
+               "--extra-body", json.dumps({"fake_empty_text_chunks": 2}), "--result-json", str(out)])
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["runs"][0]["requests"]
+    assert r["success"] and r["output_tokens"] == 4
+    assert r["num_chunks"] == 4 and len(r["itl"]) == 3  # every token's chunk, none for the role
 
 
 def test_metadata_recorded(server, tmp_path, capsys):

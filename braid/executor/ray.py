@@ -246,8 +246,22 @@ class RayExecutor:
         return reply.result()
 
     def kill_workers(self) -> None:
+        """Going down hard (a served core's stop, a failed engine): kill the actors at once, then
+        remove the placement group and stop the local cluster if this engine started it — the
+        process exits next (os._exit), and a cluster left to die with it leaves its raylet's
+        agents behind for many seconds. A no-op once stopped (the actor handles are void then)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._kill_actors()
+        self._release()
+
+    def _kill_actors(self) -> None:
         for actor in getattr(self, "actors", []):
-            self._ray.kill(actor, no_restart=True)
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def shutdown(self, timeout: float = 5.0) -> None:
         if self._closed:
@@ -258,7 +272,7 @@ class RayExecutor:
             ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout)
         except Exception:  # noqa: BLE001 - dead actors
             pass
-        self.kill_workers()
+        self._kill_actors()
         self._release()
 
     def _release(self) -> None:

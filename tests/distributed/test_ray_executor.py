@@ -2,11 +2,13 @@
 CPU: TP=2 and TP=2 x PP=2 with async scheduling, and data parallelism (DP=2 x EP on a
 MoE model, each replica's tokens from its own output actor), give the single-device
 greedy tokens, the KV pools are full afterwards, and a killed actor ends the engine with
-an error naming its rank within 10 s."""
+an error naming its rank within 10 s. An engine that started its own Ray cluster takes it
+down when its workers are killed (a served core's stop)."""
 import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from braid import LLM, SamplingParams
@@ -34,6 +36,37 @@ def local_ray():
 def _tokens(llm, params=GREEDY):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
+
+
+def _local_cluster_processes():
+    def alive(p):
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.name() in ("gcs_server", "raylet") and alive(p)]
+
+
+def test_ray_kill_workers_stops_the_cluster_the_engine_started(tmp_path):
+    # First in the module, before `local_ray`: no cluster yet, so the engine starts its own, as
+    # for a user who never called ray.init. A served core stops with kill_workers and then
+    # os._exit: the cluster must go with the actors (left to die with the process, its
+    # raylet's agents outlived `braid serve` by over 10 s).
+    assert not ray.is_initialized(), "this test must run before any other starts Ray"
+    model = make_tiny_checkpoint("llama", tmp_path / "llama")
+    llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, distributed_executor_backend="ray")
+    core = llm.llm_engine.engine_core
+    try:
+        assert len(_tokens(llm, SamplingParams(temperature=0, max_tokens=2))) == len(PROMPTS)
+        assert _local_cluster_processes()
+        core.kill_workers()
+        assert not ray.is_initialized()
+        assert not _local_cluster_processes()
+        core.kill_workers()  # again, and shutdown after it: nothing left to do, no error
+    finally:
+        core.shutdown()
 
 
 def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray):

@@ -25,6 +25,9 @@ from braid.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# How long a core seen exiting may still have its last message (its error) in the socket.
+_LAST_WORDS_S = 0.5
+
 
 class AsyncLLM:
     def __init__(self, engine_args: EngineArgs, metrics=None) -> None:
@@ -49,6 +52,7 @@ class AsyncLLM:
         self._next_call_id = 0
         self.dead_reason: str | None = None
         self._dead: asyncio.Event | None = None  # made on the serving loop
+        self._exit_task: asyncio.Task | None = None
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, metrics=None) -> "AsyncLLM":
@@ -198,7 +202,19 @@ class AsyncLLM:
             self.metrics.record_tokens(new_prompt, new_generation)
 
     def _on_core_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.client.sentinel)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.client.sentinel)
+        self._exit_task = loop.create_task(self._fail_on_core_exit())  # referenced: a bare task may be collected
+
+    async def _fail_on_core_exit(self) -> None:
+        # A core that failed sent an ERROR naming the cause (say, the worker rank that died) just
+        # before it exited, and the exit may be seen first: let the output loop read that message,
+        # so the cause is what requests and /health report, not only "the core exited".
+        try:
+            await asyncio.wait_for(self._dead.wait(), _LAST_WORDS_S)
+        except asyncio.TimeoutError:
+            pass
+        self.client.process.join(timeout=1.0)  # reaped, so the exit code is known
         self._fail_all(f"the engine core process exited (exit code {self.client.process.exitcode})")
 
     def _fail_all(self, reason: str) -> None:

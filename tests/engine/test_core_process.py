@@ -127,3 +127,35 @@ def test_abandoned_requests_count_as_aborted_in_the_metrics(tiny):
         assert itl >= 2  # the finished request's 3 tokens came in at least 2 later steps than its first
     finally:
         llm.shutdown()
+
+
+def test_a_failed_core_reports_its_error_even_when_its_exit_is_seen_first():
+    """The core sends an ERROR naming the cause (e.g. a DP rank's worker died), then exits; the
+    frontend may see the exit before it reads the message. The cause must still be what the
+    requests get (they used to get 'the engine core process exited (exit code None)')."""
+    class Exited:
+        exitcode = 1
+
+        def join(self, timeout=None):
+            pass
+
+    async def scenario():
+        read_fd, write_fd = os.pipe()
+        llm = object.__new__(AsyncLLM)
+        llm.client = type("Client", (), {"process": Exited(), "sentinel": read_fd})()
+        llm.dead_reason, llm._dead, llm._utility_futures = None, asyncio.Event(), {}
+        queue = asyncio.Queue()
+        llm._queues = {"r": queue}
+        try:
+            llm._on_core_exit()  # the exit is seen first...
+            await asyncio.sleep(0.01)
+            llm._fail_all("the engine core failed: WorkerError: worker rank 1 died")  # ...then the error read
+            first = await queue.get()
+            assert isinstance(first, EngineDeadError) and "worker rank 1" in str(first)
+            await llm._exit_task
+            assert "worker rank 1" in llm.dead_reason
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+
+    asyncio.run(scenario())

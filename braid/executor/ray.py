@@ -63,7 +63,8 @@ class _RayWorker:
             port = s.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def start(self, rank: int, config: EngineConfig, init_method: str) -> None:
+    def start(self, rank: int, config: EngineConfig, init_method: str, env: dict[str, str]) -> None:
+        os.environ.update(env)  # the driver's WORKER_ENV values, before NCCL reads them
         try:
             # Ray shows each actor only its own GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here.
             self.worker, self.tracer = start_worker(rank, config, init_method, cuda_index=0)
@@ -155,10 +156,14 @@ class RayExecutor:
             raise ValueError(f"Ray could not place {self.world_size} workers of {bundle} each within 60 s; "
                              f"cluster resources: {ray.cluster_resources()}") from None
         actor_cls = ray.remote(concurrency_groups={"reply": 1, "watch": 1})(_RayWorker)
-        env = {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
+        # The worker environment goes with start(), not as a runtime_env: an actor with its own
+        # runtime_env cannot use the workers Ray has already started, so Ray starts new ones and
+        # then reaps the idle ones — slower, and Ray's idle-worker exit rarely aborts
+        # ("Fatal Python error: Aborted", a mutex check in Ray's own shutdown).
+        env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
         self.actors = [
             actor_cls.options(
-                num_cpus=1, num_gpus=1 if on_gpu else 0, runtime_env=env,
+                num_cpus=1, num_gpus=1 if on_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=rank),
             ).remote()
@@ -168,7 +173,7 @@ class RayExecutor:
         self._watches = [a.watch.options(concurrency_group="watch").remote() for a in self.actors]
         try:
             init_method = ray.get(self.actors[0].rendezvous_address.remote())
-            self._get_all([a.start.remote(rank, config, init_method) for rank, a in enumerate(self.actors)])
+            self._get_all([a.start.remote(rank, config, init_method, env) for rank, a in enumerate(self.actors)])
         except BaseException:
             self.shutdown()
             raise

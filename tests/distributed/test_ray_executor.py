@@ -69,16 +69,33 @@ def test_ray_kill_workers_stops_the_cluster_the_engine_started(tmp_path):
         core.shutdown()
 
 
-def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray):
+def _actor_env(actor):
+    def read(self):
+        import os
+
+        import ray
+
+        return dict(ray.get_runtime_context().runtime_env), os.environ.get("NVSHMEM_DISABLE_NVLS")
+
+    return ray.get(actor.__ray_call__.remote(read))
+
+
+def test_ray_tp2_and_tp2_pp2_equal_single_device(tmp_path, local_ray, monkeypatch):
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
     want = _tokens(LLM(model, kv_cache_memory="64MiB"))
+    # The driver's worker environment reaches the actors through start(), not a runtime_env of
+    # their own (Ray could not give them the workers it had started, and reaped those: its
+    # idle-worker exit now and then aborts with "Fatal Python error: Aborted").
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "7")
     # The last: multi-step passes interleaved across micro-batches (continue_model calls).
     for parallel in ({"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
                      {"pipeline_parallel_size": 2, "num_scheduler_steps": 4}):
         llm = LLM(model, kv_cache_memory="64MiB", distributed_executor_backend="ray", async_scheduling=True,
                   **parallel)
         try:
-            assert type(llm.llm_engine.engine_core.executor).__name__ == "RayExecutor"
+            executor = llm.llm_engine.engine_core.executor
+            assert type(executor).__name__ == "RayExecutor"
+            assert all(_actor_env(a) == ({}, "7") for a in executor.actors)
             assert _tokens(llm) == want, parallel
             assert_pool_full(llm)
         finally:

@@ -172,15 +172,15 @@ class RayExecutor:
         self._closed = False
         self._watches = [a.watch.options(concurrency_group="watch").remote() for a in self.actors]
         try:
-            init_method = ray.get(self.actors[0].rendezvous_address.remote())
+            init_method = self._get(self.actors[0].rendezvous_address.remote(), 0)
             self._get_all([a.start.remote(rank, config, init_method, env) for rank, a in enumerate(self.actors)])
         except BaseException:
             self.shutdown()
             raise
 
     # ---- plumbing ---------------------------------------------------------------
-    def _get(self, ref):
-        """The call's result; raises WorkerError as soon as any worker dies or fails."""
+    def _get(self, ref, rank: int):
+        """The result of a call to rank's actor; raises WorkerError as soon as any worker dies or fails."""
         ray = self._ray
         while True:
             ready, _ = ray.wait([ref, *self._watches], num_returns=1, timeout=None, fetch_local=True)
@@ -189,16 +189,18 @@ class RayExecutor:
                     return ray.get(ref)
                 except ray.exceptions.RayActorError:
                     self._raise_failed()
-                except ray.exceptions.RayTaskError as e:
-                    raise WorkerError(f"a worker failed: {e}") from None
+                except ray.exceptions.RayTaskError as e:  # the method raised (setup calls: OOM, ...)
+                    self._raise_failed(WorkerError(f"worker rank {rank} failed: {e}"))
             self._raise_failed()
 
     def _get_all(self, refs: list) -> list:
-        return [self._get(ref) for ref in refs]
+        """The results of one call per actor, in rank order."""
+        return [self._get(ref, rank) for rank, ref in enumerate(refs)]
 
-    def _raise_failed(self):
+    def _raise_failed(self, error: WorkerError | None = None):
         """Name the worker that went first. A death makes its peers' collectives fail too,
-        so give Ray a moment to notice deaths and report a dead rank before a failed one."""
+        so give Ray a moment to notice deaths and report a dead rank before a failed one
+        (then `error`, the failed call's own, if the watches name none)."""
         ray = self._ray
         ready, _ = ray.wait(self._watches, num_returns=len(self._watches), timeout=2.0)
         failed = None
@@ -212,7 +214,7 @@ class RayExecutor:
                     from None
             if failed is None and error is not None:
                 failed = WorkerError(f"worker rank {rank} failed: {error}")
-        raise failed or WorkerError("a worker stopped; the engine cannot continue")
+        raise failed or error or WorkerError("a worker stopped; the engine cannot continue")
 
     # ---- the executor interface ---------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -227,14 +229,16 @@ class RayExecutor:
         for actor in self.actors:
             actor.execute_model.remote(frame)
         output_actor = self.actors[self.output_rank]
-        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())
+        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote(),
+                                self.output_rank)
                 for _ in range(launched_passes(self.config, scheduler_output))]
 
     def continue_model_async(self, batch_id: int) -> list["RayPendingReply"]:
         for actor in self.actors:
             actor.continue_model.remote(batch_id)
         output_actor = self.actors[self.output_rank]
-        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote())]
+        return [RayPendingReply(self, output_actor.next_output.options(concurrency_group="reply").remote(),
+                                self.output_rank)]
 
     def execute_model_dp(self, scheduler_outputs: list[SchedulerOutput]) -> list[list["RayPendingReply"]]:
         """Data parallelism: replica d runs scheduler_outputs[d] (a dummy batch when it is
@@ -242,7 +246,8 @@ class RayExecutor:
         frame = self._enc.encode(scheduler_outputs)
         for actor in self.actors:
             actor.execute_model_dp.remote(frame)
-        return [[RayPendingReply(self, self.actors[rank].next_output.options(concurrency_group="reply").remote())
+        return [[RayPendingReply(self, self.actors[rank].next_output.options(concurrency_group="reply").remote(),
+                                 rank)
                  for _ in range(so.num_steps)]
                 for rank, so in zip(self.config.parallel.output_ranks, scheduler_outputs)]
 
@@ -299,13 +304,14 @@ class RayExecutor:
 class RayPendingReply:
     """One pass's tokens from the output rank's actor."""
 
-    def __init__(self, executor: RayExecutor, ref) -> None:
+    def __init__(self, executor: RayExecutor, ref, rank: int) -> None:
         self._executor = executor
         self._ref = ref
+        self._rank = rank
         self._result: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
         if self._result is None:
-            self._result = self._executor._reply_decoder.decode(self._executor._get(self._ref))
+            self._result = self._executor._reply_decoder.decode(self._executor._get(self._ref, self._rank))
         return self._result
 

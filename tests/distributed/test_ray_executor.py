@@ -2,7 +2,7 @@
 CPU: TP=2 and TP=2 x PP=2 with async scheduling, and data parallelism (DP=2 x EP on a
 MoE model, each replica's tokens from its own output actor), give the single-device
 greedy tokens, the KV pools are full afterwards, and a killed actor ends the engine with
-an error naming its rank within 10 s. An engine that started its own Ray cluster takes it
+an error naming its rank within 10 s (a method that raises names its rank too). An engine that started its own Ray cluster takes it
 down when its workers are killed (a served core's stop)."""
 import os
 import signal
@@ -120,12 +120,22 @@ def test_ray_data_parallel_moe_equals_single_device(tmp_path, local_ray):
         core.shutdown()
 
 
-def test_ray_killed_actor_ends_the_engine_within_10s(tmp_path, local_ray):
+def test_ray_failed_or_killed_actor_ends_the_engine_naming_its_rank(tmp_path, local_ray):
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
     engine = LLMEngine.from_engine_args(EngineArgs(model=model, kv_cache_memory="64MiB", tensor_parallel_size=2,
                                                    distributed_executor_backend="ray"))
     executor = engine.engine_core.executor
     try:
+        # A call that raises in one actor (say an allocation at setup) names that rank too.
+        def fail_sizing(self):
+            def raise_oom():
+                raise MemoryError("injected: cannot size the KV cache")
+
+            self.worker.determine_num_blocks = raise_oom
+
+        ray.get(executor.actors[1].__ray_call__.remote(fail_sizing))
+        with pytest.raises(WorkerError, match="(?s)worker rank 1 failed.*injected: cannot size"):
+            executor.determine_num_blocks()
         pid = ray.get(executor.actors[1].__ray_call__.remote(lambda self: os.getpid()))
         engine.add_request("a", {"prompt_token_ids": PROMPTS[0]},
                            SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0))

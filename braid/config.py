@@ -241,7 +241,8 @@ class ParallelConfig:
         if self.world_size > 1 and self.distributed_executor_backend == "uni":
             raise ValueError("--distributed-executor-backend uni runs one device; use mp or ray for "
                              f"--tensor-parallel-size {self.tensor_parallel_size} x "
-                             f"--pipeline-parallel-size {self.pipeline_parallel_size}")
+                             f"--pipeline-parallel-size {self.pipeline_parallel_size} x "
+                             f"--data-parallel-size {self.data_parallel_size}")
 
     @property
     def output_rank(self) -> int:

@@ -109,6 +109,8 @@ def test_unsupported_data_parallel_combinations_are_refused(tmp_path):
     model = make_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
     with pytest.raises(ValueError, match="--data-parallel-size 2 with --pipeline-parallel-size"):
         EngineArgs(model=model, data_parallel_size=2, pipeline_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="uni runs one device.*--data-parallel-size 2"):  # the flag that made 2 ranks
+        EngineArgs(model=model, data_parallel_size=2, distributed_executor_backend="uni").create_engine_config()
     with pytest.raises(ValueError, match="--data-parallel-size must be >= 1"):
         EngineArgs(model=model, data_parallel_size=0).create_engine_config()
     with pytest.raises(ValueError, match="--all2all-backend must be one of allgather_reducescatter, all_to_all"):

@@ -37,6 +37,12 @@ def _import_ray():
     return ray
 
 
+# The local cluster an executor here started (its GCS address) and how many live executors use
+# it: the last one stops it. Stopped with the first, it would take the others' actors with it.
+_local_cluster: str | None = None
+_local_cluster_users = 0
+
+
 class _RayWorker:
     """Lives in a Ray actor. Three concurrency groups of one thread each, so a pass's reply
     can be awaited while the next batch launches, and the watch call never blocks either."""
@@ -138,14 +144,18 @@ class RayExecutor:
         self._enc = msgspec.msgpack.Encoder()
         self._reply_decoder = msgspec.msgpack.Decoder(ModelRunnerOutput)
         self._closed = True
-        self._owns_ray = False
+        self._owns_ray = False  # counted among the local cluster's users
+        global _local_cluster, _local_cluster_users
         if not ray.is_initialized():
             if os.environ.get("RAY_ADDRESS"):
                 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
             else:  # a local cluster for this engine; CPU ranks need one logical CPU each
                 ray.init(num_cpus=max(self.world_size, os.cpu_count() or 1), include_dashboard=False,
                          configure_logging=False)
-                self._owns_ray = True
+                _local_cluster, _local_cluster_users = ray.get_runtime_context().gcs_address, 0
+        if _local_cluster is not None and ray.get_runtime_context().gcs_address == _local_cluster:
+            _local_cluster_users += 1
+            self._owns_ray = True
         on_gpu = config.device.device.type == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1}
         self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
@@ -292,7 +302,12 @@ class RayExecutor:
         except Exception:  # noqa: BLE001
             pass
         if self._owns_ray:
-            ray.shutdown()
+            global _local_cluster, _local_cluster_users
+            self._owns_ray = False
+            _local_cluster_users -= 1
+            if _local_cluster_users == 0:
+                _local_cluster = None
+                ray.shutdown()
 
     def __del__(self):
         try:

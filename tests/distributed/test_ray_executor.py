@@ -2,8 +2,9 @@
 CPU: TP=2 and TP=2 x PP=2 with async scheduling, and data parallelism (DP=2 x EP on a
 MoE model, each replica's tokens from its own output actor), give the single-device
 greedy tokens, the KV pools are full afterwards, and a killed actor ends the engine with
-an error naming its rank within 10 s (a method that raises names its rank too). An engine that started its own Ray cluster takes it
-down when its workers are killed (a served core's stop)."""
+an error naming its rank within 10 s (a method that raises names its rank too). Engines
+that started their own Ray cluster share it, and the last one stops it, even when its
+workers are killed (a served core's stop)."""
 import os
 import signal
 import time
@@ -49,24 +50,29 @@ def _local_cluster_processes():
             if p.name() in ("gcs_server", "raylet") and alive(p)]
 
 
-def test_ray_kill_workers_stops_the_cluster_the_engine_started(tmp_path):
-    # First in the module, before `local_ray`: no cluster yet, so the engine starts its own, as
-    # for a user who never called ray.init. A served core stops with kill_workers and then
-    # os._exit: the cluster must go with the actors (left to die with the process, its
-    # raylet's agents outlived `braid serve` by over 10 s).
+def test_ray_engines_share_the_cluster_they_started_and_the_last_stops_it(tmp_path):
+    # First in the module, before `local_ray`: no cluster yet, so the first engine starts one,
+    # as for a user who never called ray.init, and a second joins it. Stopping the first must
+    # leave the second working (it took the cluster down under it, and the second's shutdown
+    # then started a fresh one). The last one stops it even going down hard: a served core
+    # stops with kill_workers, then os._exit, and a cluster left to die with the process left
+    # its raylet's agents running for over 10 s after `braid serve` exited.
     assert not ray.is_initialized(), "this test must run before any other starts Ray"
     model = make_tiny_checkpoint("llama", tmp_path / "llama")
-    llm = LLM(model, kv_cache_memory="64MiB", tensor_parallel_size=2, distributed_executor_backend="ray")
-    core = llm.llm_engine.engine_core
+    llms = [LLM(model, kv_cache_memory="64MiB", distributed_executor_backend="ray") for _ in range(2)]
+    first, second = (llm.llm_engine.engine_core for llm in llms)
     try:
-        assert len(_tokens(llm, SamplingParams(temperature=0, max_tokens=2))) == len(PROMPTS)
+        first.shutdown()
+        assert ray.is_initialized()
+        assert len(_tokens(llms[1], SamplingParams(temperature=0, max_tokens=2))) == len(PROMPTS)
         assert _local_cluster_processes()
-        core.kill_workers()
+        second.kill_workers()
         assert not ray.is_initialized()
         assert not _local_cluster_processes()
-        core.kill_workers()  # again, and shutdown after it: nothing left to do, no error
+        second.kill_workers()  # again, and shutdown after it: nothing left to do, no error
     finally:
-        core.shutdown()
+        first.shutdown()
+        second.shutdown()
 
 
 def _actor_env(actor):

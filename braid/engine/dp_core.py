@@ -169,14 +169,19 @@ class DPEngineCore:
 
     def _report_next_pass(self) -> EngineCoreOutputs:
         outputs, passes = self.in_flight[0]
-        reported = []
-        for scheduler, so, per_rank in zip(self.schedulers, outputs, passes):
-            with self.tracer.cpu_span("wait_output"):
-                runner_output = per_rank.popleft().result()
-            with self.tracer.cpu_span("process_outputs"):
-                reported += scheduler.update_from_output(so, runner_output).outputs
+        # Every replica's reply first, each left in its deque until all are in: a wait cut short
+        # (Ctrl-C in LLM.generate) then leaves the step whole, to be waited for again (a reply
+        # keeps its result), instead of a replica's deque empty and the next step failing.
+        with self.tracer.cpu_span("wait_output"):
+            runner_outputs = [per_rank[0].result() for per_rank in passes]
+        for per_rank in passes:
+            per_rank.popleft()
         if not passes[0]:
             self.in_flight.popleft()
+        reported = []
+        for scheduler, so, runner_output in zip(self.schedulers, outputs, runner_outputs):
+            with self.tracer.cpu_span("process_outputs"):
+                reported += scheduler.update_from_output(so, runner_output).outputs
         for out in reported:
             if out.finish_reason is not None:
                 self.rank_of.pop(out.request_id, None)

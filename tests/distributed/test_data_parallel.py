@@ -124,3 +124,35 @@ def test_dp_refuses_a_kv_cache_smaller_than_max_model_len(tmp_path):
     model = make_tiny_checkpoint("llama", tmp_path / "llama")  # 512 bytes of KV per token
     with pytest.raises(ValueError, match="fewer than --max-model-len"):
         LLM(model, kv_cache_memory="256KiB", max_model_len=1024, data_parallel_size=2)
+
+
+def test_dp_generate_interrupted_while_waiting_leaves_the_llm_usable(tmp_path, monkeypatch):
+    """Ctrl-C in LLM.generate while the DP core waits for a replica's tokens: the next generate
+    gives the same greedy tokens and every pool is full after (the step lost that replica's
+    pending reply, and every later generate failed with IndexError)."""
+    from braid.executor.multiproc import MultiprocExecutor
+
+    llm = LLM(make_tiny_checkpoint("llama", tmp_path / "llama"), kv_cache_memory="64MiB", data_parallel_size=2)
+    core = llm.llm_engine.engine_core
+    try:
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        want = _generate(llm, PROMPTS, params)
+        next_output = MultiprocExecutor.next_output
+        calls = []
+
+        def interrupted_once(self, rank):
+            calls.append(rank)
+            if rank == core.config.parallel.output_ranks[1] and len(calls) > 6 and not hasattr(self, "_cut"):
+                self._cut = True  # as Ctrl-C lands in the wait, before the reply is read
+                raise KeyboardInterrupt
+            return next_output(self, rank)
+
+        monkeypatch.setattr(MultiprocExecutor, "next_output", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            _generate(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        assert _generate(llm, PROMPTS, params) == want
+        while llm.llm_engine.engine_core.has_unfinished_requests():
+            llm.llm_engine.step()
+        assert all(kv.num_free_blocks == kv.num_blocks for kv in core.kv_managers)
+    finally:
+        core.shutdown()

@@ -10,7 +10,7 @@ if the worker fails; the engine core waits on it beside every reply, so a dead o
 failing actor ends the engine with an error naming its rank, never a hang.
 
 Ray is joined where it runs (RAY_ADDRESS, or a cluster this process already joined);
-otherwise a local one is started for the engine and stopped with it.
+otherwise a local one is started, shared by this process's engines and stopped with the last.
 """
 from __future__ import annotations
 

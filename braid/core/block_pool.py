@@ -26,7 +26,9 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # Free blocks, least recently freed first (evicted first).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[bytes, KVBlock] = {}
+        # Block hash -> every block holding that content, so a hit survives the eviction of one
+        # copy (two requests that prefill the same prompt together each compute their own).
+        self._cached: dict[bytes, dict[int, KVBlock]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -36,7 +38,8 @@ class BlockPool:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def lookup(self, block_hash: bytes) -> KVBlock | None:
-        return self._cached.get(block_hash)
+        holders = self._cached.get(block_hash)
+        return next(iter(holders.values())) if holders else None
 
     def allocate(self, n: int) -> list[KVBlock]:
         if n > len(self._free):
@@ -68,10 +71,8 @@ class BlockPool:
     def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
         if not self.enable_caching or block.block_hash is not None:
             return
-        if block_hash in self._cached:  # the same content already lives in another block
-            return
         block.block_hash = block_hash
-        self._cached[block_hash] = block
+        self._cached.setdefault(block_hash, {})[block.block_id] = block
 
     def reset_prefix_cache(self) -> bool:
         if self.num_free_blocks != self.num_blocks:
@@ -83,6 +84,8 @@ class BlockPool:
 
     def _forget(self, block: KVBlock) -> None:
         if block.block_hash is not None:
-            if self._cached.get(block.block_hash) is block:
+            holders = self._cached[block.block_hash]
+            del holders[block.block_id]
+            if not holders:
                 del self._cached[block.block_hash]
             block.block_hash = None

@@ -124,6 +124,9 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, [])
+        # Under async scheduling a block is first fully known one step after its KV was
+        # scheduled: offer it now, or a request that finishes then never leaves it in the cache.
+        self._cache_full_blocks(request, blocks, request.num_computed_tokens)
         self.num_cached_blocks.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 

@@ -127,3 +127,19 @@ def test_blocks_filled_by_decode_steps_are_cached_one_by_one():
     b = make_request("b", list(range(6)) + list(range(100, 111)))
     hits, n = kv.get_computed_blocks(b)
     assert n == 16 and len(hits) == 4  # all four full blocks, the decoded ones included
+
+
+def test_a_block_computed_twice_stays_findable_after_one_copy_is_evicted():
+    """A request that skipped the cache lookup (prompt logprobs) computes its own copy of a
+    cached block; that copy serves hits once the first is evicted."""
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(8)))
+    b = make_request("b", list(range(8)), prompt_logprobs=0)
+    kv.allocate_slots(a, 8)
+    kv.allocate_slots(b, 8)
+    kv.free(a)
+    c = make_request("c", list(range(100, 116)))
+    kv.allocate_slots(c, 16)  # takes the two unused blocks and evicts a's two
+    d = make_request("d", list(range(8)) + [5])
+    hits, n = kv.get_computed_blocks(d)
+    assert n == 8 and [h.block_id for h in hits] == kv.block_ids("b")

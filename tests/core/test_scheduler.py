@@ -185,6 +185,21 @@ def test_async_schedules_ahead_with_placeholders():
     assert s.kv.num_free_blocks == s.kv.num_blocks  # the old "a" gave its blocks back; the new one has none yet
 
 
+def test_async_a_block_completed_by_the_last_step_is_cached_when_the_request_finishes():
+    """Under async scheduling the step that fills a block runs on a placeholder token, so the
+    block is only fully known once the request has finished: it must still reach the cache."""
+    s = make_scheduler(max_num_batched_tokens=64, async_scheduling=True)
+    a = make_request("a", [1, 2, 3], max_tokens=2, ignore_eos=True)
+    s.add_request(a)
+    step0, step1 = s.schedule(), s.schedule()  # step1 computes position 3 on step0's placeholder
+    assert step1.num_scheduled_tokens == {"a": 1}
+    s.update_from_output(step0, ModelRunnerOutput(["a"], [[7]], [None]))
+    assert s.update_from_output(step1, ModelRunnerOutput(["a"], [[8]], [None])).outputs[0].finish_reason == "length"
+    b = make_request("b", [1, 2, 3, 7, 9])
+    s.add_request(b)
+    assert s.schedule().num_scheduled_tokens == {"b": 1}  # positions 0-3 come from a's cached block
+
+
 def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
     # PP=2: two micro-batches in flight, each of at most --max-num-seqs requests, so up to
     # 2 x max_num_seqs run; a request in the pipeline is not scheduled again.

@@ -18,6 +18,7 @@ has launched one since (round-robin), never two back to back.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from braid.core.kv_cache_manager import KVCacheManager
 from braid.core.request import Request
 from braid.core.scheduler import Scheduler
 from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest
+from braid.errors import EngineDeadError
+from braid.executor.worker_setup import WorkerError
 from braid.executor.uniproc import UniprocExecutor
 from braid.gc_heap import freeze_startup_heap
 from braid.observe.trace import make_tracer
@@ -67,7 +70,29 @@ def check_kv_holds_max_len(num_blocks: int, config: EngineConfig) -> None:
         )
 
 
+def ends_on_worker_failure(step):
+    """A core's step: a worker failure ends the engine. The surviving workers are killed at
+    once (they may wait forever in a collective on the dead one, holding their devices) and
+    every later step raises EngineDeadError with the cause."""
+
+    @functools.wraps(step)
+    def guarded(core):
+        if core.dead_reason is not None:
+            raise EngineDeadError(core.dead_reason)
+        try:
+            return step(core)
+        except WorkerError as e:
+            core.dead_reason = f"the engine stopped after a worker failure: {e}"
+            core.kill_workers()
+            core.executor.shutdown()  # reaps them and releases what they shared
+            raise
+
+    return guarded
+
+
 class EngineCore:
+    dead_reason: str | None = None  # set once a worker has failed
+
     def __init__(self, config: EngineConfig) -> None:
         freeze_startup_heap()
         self.config = config
@@ -120,6 +145,7 @@ class EngineCore:
         """Requests to run, or batches still to report."""
         return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
+    @ends_on_worker_failure
     def step(self) -> EngineCoreOutputs:
         """Report the next forward pass's tokens (or nothing, when async scheduling has
         only just launched its first batch)."""

@@ -27,7 +27,7 @@ from braid.config import EngineConfig
 from braid.core.kv_cache_manager import KVCacheManager
 from braid.core.request import Request
 from braid.core.scheduler import Scheduler
-from braid.engine.core import check_kv_holds_max_len
+from braid.engine.core import check_kv_holds_max_len, ends_on_worker_failure
 from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from braid.observe.trace import make_tracer
 
@@ -66,6 +66,8 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
 
 
 class DPEngineCore:
+    dead_reason: str | None = None  # set once a worker has failed
+
     def __init__(self, config: EngineConfig) -> None:
         from braid.gc_heap import freeze_startup_heap
 
@@ -126,6 +128,7 @@ class DPEngineCore:
     def make_stats(self) -> SchedulerStats:
         return merge_stats([s.make_stats() for s in self.schedulers])
 
+    @ends_on_worker_failure
     def step(self) -> EngineCoreOutputs:
         """Report the oldest launched step's next pass from every replica (all its passes when
         multi-step outputs are not streamed; nothing while async scheduling has only just

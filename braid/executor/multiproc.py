@@ -20,13 +20,13 @@ import multiprocessing.connection
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from braid.executor.rendezvous_dir import make_rendezvous_dir
 from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
 from braid.executor.worker_setup import (
     WorkerError, destroy_process_group, launched_passes, report_passes, start_worker)
@@ -70,10 +70,7 @@ class MultiprocExecutor:
         self.output_rank = config.parallel.output_rank
         self._enc, _, self._msgspec = _codec()
         self._reply_decoder = self._msgspec.msgpack.Decoder(ModelRunnerOutput)
-        # Private to this user (0700); on the RAM disk when there is one (the broadcast ring).
-        self._rendezvous_dir = tempfile.mkdtemp(prefix="braid-dist-", dir="/dev/shm" if os.path.isdir("/dev/shm")
-                                                else None)
-        os.chmod(self._rendezvous_dir, 0o700)
+        self._rendezvous_dir = make_rendezvous_dir()  # private to this user (0700)
         init_method = "file://" + os.path.join(self._rendezvous_dir, "rendezvous")
         ring_path = os.path.join(self._rendezvous_dir, "broadcast")
         self.procs, self.conns = [], []

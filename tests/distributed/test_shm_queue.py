@@ -85,3 +85,25 @@ def test_writer_raises_when_a_reader_is_dead(tmp_path):
     with pytest.raises(RuntimeError, match="reader 0 is dead"):
         writer.enqueue(b"x")
     writer.close()
+
+
+def test_a_new_rendezvous_dir_removes_those_whose_engine_is_gone(tmp_path):
+    """An engine killed with its rank 0 leaves its ring behind; the next engine's start
+    removes it, and leaves live engines' and unowned directories alone."""
+    import subprocess
+    import sys
+
+    from braid.executor.rendezvous_dir import make_rendezvous_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, owner in (("braid-dist-dead", str(gone.pid)), ("braid-dist-live", str(os.getpid())),
+                        ("braid-dist-unowned", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "broadcast").write_bytes(b"ring")
+        if owner is not None:
+            (tmp_path / name / "owner").write_text(owner)
+    made = make_rendezvous_dir(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["braid-dist-live", "braid-dist-unowned", os.path.basename(made)])
+    assert (tmp_path / os.path.basename(made) / "owner").read_text() == str(os.getpid())

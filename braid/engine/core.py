@@ -203,12 +203,15 @@ class EngineCore:
             self.report_order.append(batch)
 
     def _report_next_pass(self) -> EngineCoreOutputs:
-        batch = self.report_order.popleft()
-        pending = batch.pending.popleft()
+        batch = self.report_order[0]
+        # Taken off the queues only once its reply is in: a wait cut short (Ctrl-C in
+        # LLM.generate) leaves the pass queued, to be waited for again (a reply keeps its result).
+        with self.tracer.cpu_span("wait_output"):
+            runner_output = batch.pending[0].result()
+        self.report_order.popleft()
+        batch.pending.popleft()
         if not batch.pending and not batch.to_launch:
             self.in_flight.remove(batch)
-        with self.tracer.cpu_span("wait_output"):
-            runner_output = pending.result()
         with self.tracer.cpu_span("process_outputs"):
             return self.scheduler.update_from_output(batch.scheduler_output, runner_output)
 

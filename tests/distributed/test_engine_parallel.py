@@ -151,6 +151,39 @@ def test_killed_worker_ends_the_engine_within_10s(tmp_path):
         executor.shutdown()
 
 
+def test_generate_interrupted_while_waiting_leaves_the_llm_usable(tmp_path, monkeypatch):
+    """Ctrl-C in LLM.generate while the core waits for a pass's tokens (TP=2, async: two
+    batches in flight) leaves that pass queued, to be waited for again; the next generate
+    gives the same greedy tokens and the pool is full after. The pass used to leave its queue
+    first and was lost: every later reply then went to the pass launched after its own."""
+    from braid.executor.multiproc import MultiprocExecutor
+
+    llm = LLM(make_tiny_checkpoint("llama", tmp_path / "llama"), kv_cache_memory="64MiB", tensor_parallel_size=2,
+              async_scheduling=True)
+    core = llm.llm_engine.engine_core
+    try:
+        next_output, replies, interrupt_at = MultiprocExecutor.next_output, [], [-1]
+
+        def interrupted_once(self, rank):
+            if len(replies) == interrupt_at[0]:  # as Ctrl-C lands in the wait, before the reply is read
+                interrupt_at[0] = -1
+                raise KeyboardInterrupt
+            replies.append(next_output(self, rank))
+            return replies[-1]
+
+        monkeypatch.setattr(MultiprocExecutor, "next_output", interrupted_once)
+        want = _tokens(llm, PROMPTS)
+        interrupt_at[0] = len(replies) + 5
+        with pytest.raises(KeyboardInterrupt):
+            _tokens(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        assert len(core.report_order) == core._num_launches - len(replies)  # one reply per launched pass
+        assert _tokens(llm, PROMPTS) == want
+        assert_pool_full(llm)
+        assert not core.in_flight and not core.scheduler._stale_in_flight  # every pass launched was reported
+    finally:
+        core.shutdown()
+
+
 def _record_pipelining(llm):
     """(batches already in flight, tokens scheduled) at every schedule call."""
     core = llm.llm_engine.engine_core
@@ -191,6 +224,8 @@ def test_tp2_x_pp2_equals_single_device(tmp_path):
     try:
         assert _tokens(llm, PROMPTS) == want
         assert_pool_full(llm)
+        core = llm.llm_engine.engine_core
+        assert not core.in_flight and not core.scheduler._stale_in_flight  # every pass launched was reported
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -339,6 +374,8 @@ def test_pp2_uneven_partition_and_one_batch_in_flight(tmp_path):
         assert llm.llm_engine.engine_core.max_batches_in_flight == 1
         assert _tokens(llm, PROMPTS) == want
         assert_pool_full(llm)
+        core = llm.llm_engine.engine_core
+        assert not core.in_flight and not core.scheduler._stale_in_flight  # every pass launched was reported
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert all(in_flight == 0 for in_flight, _ in seen)  # never a second batch in the pipeline

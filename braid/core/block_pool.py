@@ -39,7 +39,10 @@ class BlockPool:
 
     def lookup(self, block_hash: bytes) -> KVBlock | None:
         holders = self._cached.get(block_hash)
-        return next(iter(holders.values())) if holders else None
+        if not holders:
+            return None
+        # A copy in use costs nothing to share; a free one would leave the free list.
+        return next((b for b in holders.values() if b.ref_cnt > 0), next(iter(holders.values())))
 
     def allocate(self, n: int) -> list[KVBlock]:
         if n > len(self._free):

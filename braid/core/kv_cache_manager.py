@@ -126,7 +126,9 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         # Under async scheduling a block is first fully known one step after its KV was
         # scheduled: offer it now, or a request that finishes then never leaves it in the cache.
-        self._cache_full_blocks(request, blocks, request.num_computed_tokens)
+        # Only KV that passes which have reported wrote: a pass still to launch (interleaved
+        # multi-step) is dropped once the request has finished, and never writes its slot.
+        self._cache_full_blocks(request, blocks, request.num_computed_tokens - request.num_output_placeholders)
         self.num_cached_blocks.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 

@@ -143,3 +143,14 @@ def test_a_block_computed_twice_stays_findable_after_one_copy_is_evicted():
     d = make_request("d", list(range(8)) + [5])
     hits, n = kv.get_computed_blocks(d)
     assert n == 8 and [h.block_id for h in hits] == kv.block_ids("b")
+
+
+def test_a_hit_prefers_the_copy_in_use_over_a_free_one():
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_caching=True)
+    a = make_request("a", list(range(8)))
+    b = make_request("b", list(range(8)), prompt_logprobs=0)
+    kv.allocate_slots(a, 8)
+    kv.allocate_slots(b, 8)
+    kv.free(a)  # a's copies are free (still cached), b's in use
+    hits, _ = kv.get_computed_blocks(make_request("c", list(range(8)) + [5]))
+    assert [h.block_id for h in hits] == kv.block_ids("b")

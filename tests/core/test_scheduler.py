@@ -200,6 +200,26 @@ def test_async_a_block_completed_by_the_last_step_is_cached_when_the_request_fin
     assert s.schedule().num_scheduled_tokens == {"b": 1}  # positions 0-3 come from a's cached block
 
 
+def test_a_stop_before_the_last_interleaved_pass_caches_no_block_that_pass_would_have_written():
+    """PP=2 with 4 interleaved passes: the request stops on the third pass's token, which
+    lands in a block's last slot; the fourth pass, not yet launched, is dropped, so that
+    slot's KV is never written and the block must not serve a prefix hit."""
+    s = make_scheduler(max_num_batched_tokens=64, pipeline_parallel_size=2, num_scheduler_steps=4)
+    assert s.config.interleaves_passes
+    r = make_request("r", [1, 2, 3, 4], max_tokens=20, stop_token_ids=[99])
+    s.add_request(r)
+    prefill = s.schedule()
+    s.update_from_output(prefill, ModelRunnerOutput(["r"], [[10]], [None]))
+    passes = s.schedule()
+    assert passes.num_steps == 4  # KV of positions 4-7, one per pass
+    for token in (11, 12, 99):  # the stop token is position 7
+        out = s.update_from_output(passes, ModelRunnerOutput(["r"], [[token]], [None]))
+    assert out.outputs[0].finish_reason == "stop"
+    b = make_request("b", [1, 2, 3, 4, 10, 11, 12, 99, 5, 6])
+    s.add_request(b)
+    assert s.schedule().num_scheduled_tokens == {"b": 6}  # only the prompt's block is a hit
+
+
 def test_pipeline_micro_batches_each_hold_up_to_max_num_seqs():
     # PP=2: two micro-batches in flight, each of at most --max-num-seqs requests, so up to
     # 2 x max_num_seqs run; a request in the pipeline is not scheduled again.

@@ -71,9 +71,9 @@ def check_kv_holds_max_len(num_blocks: int, config: EngineConfig) -> None:
 
 
 def ends_on_worker_failure(step):
-    """A core's step: a worker failure ends the engine. The surviving workers are killed at
-    once (they may wait forever in a collective on the dead one, holding their devices) and
-    every later step raises EngineDeadError with the cause."""
+    """A core's step: a worker failure ends the engine; every later step raises
+    EngineDeadError with the cause. Stopping the surviving workers is the owner's part (an
+    engine-core process reports the error first, then kills them; LLMEngine at once)."""
 
     @functools.wraps(step)
     def guarded(core):
@@ -83,8 +83,6 @@ def ends_on_worker_failure(step):
             return step(core)
         except WorkerError as e:
             core.dead_reason = f"the engine stopped after a worker failure: {e}"
-            core.kill_workers()
-            core.executor.shutdown()  # reaps them and releases what they shared
             raise
 
     return guarded

@@ -47,7 +47,7 @@ class EngineCoreProc:
     def _check_workers(self) -> None:
         """Raise if a worker process died: an idle core runs no step that would notice, and
         /health would say 200 until the next request failed."""
-        check = getattr(self.core.executor, "check_alive", None)  # the multiprocess executor's
+        check = getattr(self.core.executor, "check_alive", None)  # mp and Ray; none in process
         if check is not None:
             check()
 

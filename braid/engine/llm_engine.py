@@ -11,6 +11,7 @@ from braid.engine.core import make_engine_core
 from braid.engine.input_processor import InputProcessor, PromptType
 from braid.engine.messages import EngineCoreRequest, SchedulerStats
 from braid.engine.output_processor import OutputProcessor
+from braid.executor.worker_setup import WorkerError
 from braid.outputs import RequestOutput
 from braid.sampling_params import SamplingParams
 
@@ -68,7 +69,14 @@ class LLMEngine:
 
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """The requests this step updated (final_only: only those it finished)."""
-        core_outputs = self.engine_core.step()
+        try:
+            core_outputs = self.engine_core.step()
+        except WorkerError:
+            # The survivors may wait forever in a collective on the dead worker, holding their
+            # devices (and, under Ray, the placement group): stop them now, not at garbage collection.
+            self.engine_core.kill_workers()
+            self.engine_core.shutdown()
+            raise
         self.last_stats = core_outputs.stats
         outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs, final_only)
         if to_abort:

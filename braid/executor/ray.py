@@ -135,9 +135,6 @@ class RayExecutor:
         ray = self._ray = _import_ray()
         import msgspec
 
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.config = config
         self.world_size = config.parallel.world_size
         self.output_rank = config.parallel.output_rank
@@ -156,21 +153,42 @@ class RayExecutor:
         if _local_cluster is not None and ray.get_runtime_context().gcs_address == _local_cluster:
             _local_cluster_users += 1
             self._owns_ray = True
+        self._pg = None
+        try:  # from here on a failure gives back what was taken (the cluster's count above too)
+            self._place_actors(config)
+        except BaseException:
+            self._kill_actors()
+            self._release()
+            raise
+        self._closed = False
+        self._watches = [a.watch.options(concurrency_group="watch").remote() for a in self.actors]
+        # The worker environment goes with start(), not as a runtime_env: an actor with its own
+        # runtime_env cannot use the workers Ray has already started, so Ray starts new ones and
+        # then reaps the idle ones — slower, and Ray's idle-worker exit rarely aborts
+        # ("Fatal Python error: Aborted", a mutex check in Ray's own shutdown).
+        env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+        try:
+            init_method = self._get(self.actors[0].rendezvous_address.remote(), 0)
+            self._get_all([a.start.remote(rank, config, init_method, env) for rank, a in enumerate(self.actors)])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _place_actors(self, config: EngineConfig) -> None:
+        """A placement group of one bundle per rank, and an actor in each."""
+        ray = self._ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         on_gpu = config.device.device.type == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1}
         self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=60)
         except ray.exceptions.GetTimeoutError:
-            self._release()
             raise ValueError(f"Ray could not place {self.world_size} workers of {bundle} each within 60 s; "
                              f"cluster resources: {ray.cluster_resources()}") from None
         actor_cls = ray.remote(concurrency_groups={"reply": 1, "watch": 1})(_RayWorker)
-        # The worker environment goes with start(), not as a runtime_env: an actor with its own
-        # runtime_env cannot use the workers Ray has already started, so Ray starts new ones and
-        # then reaps the idle ones — slower, and Ray's idle-worker exit rarely aborts
-        # ("Fatal Python error: Aborted", a mutex check in Ray's own shutdown).
-        env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
         self.actors = [
             actor_cls.options(
                 num_cpus=1, num_gpus=1 if on_gpu else 0,
@@ -179,14 +197,6 @@ class RayExecutor:
             ).remote()
             for rank in range(self.world_size)
         ]
-        self._closed = False
-        self._watches = [a.watch.options(concurrency_group="watch").remote() for a in self.actors]
-        try:
-            init_method = self._get(self.actors[0].rendezvous_address.remote(), 0)
-            self._get_all([a.start.remote(rank, config, init_method, env) for rank, a in enumerate(self.actors)])
-        except BaseException:
-            self.shutdown()
-            raise
 
     # ---- plumbing ---------------------------------------------------------------
     def _get(self, ref, rank: int):
@@ -225,6 +235,15 @@ class RayExecutor:
             if failed is None and error is not None:
                 failed = WorkerError(f"worker rank {rank} failed: {error}")
         raise failed or error or WorkerError("a worker stopped; the engine cannot continue")
+
+    def check_alive(self) -> None:
+        """Raise WorkerError if an actor has died or failed (an idle engine core calls it: no
+        step would notice)."""
+        if self._closed:
+            return
+        ready, _ = self._ray.wait(self._watches, num_returns=1, timeout=0)
+        if ready:
+            self._raise_failed()
 
     # ---- the executor interface ---------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -297,10 +316,11 @@ class RayExecutor:
 
     def _release(self) -> None:
         ray = self._ray
-        try:
-            ray.util.remove_placement_group(self._pg)
-        except Exception:  # noqa: BLE001
-            pass
+        if self._pg is not None:
+            try:
+                ray.util.remove_placement_group(self._pg)
+            except Exception:  # noqa: BLE001
+                pass
         if self._owns_ray:
             global _local_cluster, _local_cluster_users
             self._owns_ray = False

@@ -149,6 +149,10 @@ def test_ray_failed_or_killed_actor_ends_the_engine_naming_its_rank(tmp_path, lo
         os.kill(pid, signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(WorkerError, match="worker rank 1 died"):
+            while time.monotonic() - start < 10:  # what an idle served core polls (/health)
+                executor.check_alive()
+                time.sleep(0.05)
+        with pytest.raises(WorkerError, match="worker rank 1 died"):
             while True:
                 engine.step()
         assert time.monotonic() - start < 10

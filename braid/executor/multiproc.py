@@ -26,7 +26,7 @@ import traceback
 
 from braid.config import EngineConfig
 from braid.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from braid.executor.rendezvous_dir import make_rendezvous_dir
+from braid.executor.rendezvous_dir import RendezvousDir
 from braid.executor.shm_queue import BroadcastReader, BroadcastWriter
 from braid.executor.worker_setup import (
     WorkerError, destroy_process_group, launched_passes, report_passes, start_worker)
@@ -70,9 +70,9 @@ class MultiprocExecutor:
         self.output_rank = config.parallel.output_rank
         self._enc, _, self._msgspec = _codec()
         self._reply_decoder = self._msgspec.msgpack.Decoder(ModelRunnerOutput)
-        self._rendezvous_dir = make_rendezvous_dir()  # private to this user (0700)
-        init_method = "file://" + os.path.join(self._rendezvous_dir, "rendezvous")
-        ring_path = os.path.join(self._rendezvous_dir, "broadcast")
+        self._rendezvous = RendezvousDir()  # private to this user (0700)
+        init_method = "file://" + os.path.join(self._rendezvous.path, "rendezvous")
+        ring_path = os.path.join(self._rendezvous.path, "broadcast")
         self.procs, self.conns = [], []
         try:
             self._writer = BroadcastWriter(ring_path, self.world_size, send_fallback=self._send_frame,
@@ -177,7 +177,7 @@ class MultiprocExecutor:
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+        self._rendezvous.remove()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the workers to stop (each closes its tracer), wait up to `timeout`, kill the rest."""
@@ -202,7 +202,7 @@ class MultiprocExecutor:
         writer = getattr(self, "_writer", None)
         if writer is not None:
             writer.close()
-        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+        self._rendezvous.remove()
 
     def __del__(self):
         try:

@@ -89,21 +89,32 @@ def test_writer_raises_when_a_reader_is_dead(tmp_path):
 
 def test_a_new_rendezvous_dir_removes_those_whose_engine_is_gone(tmp_path):
     """An engine killed with its rank 0 leaves its ring behind; the next engine's start
-    removes it, and leaves live engines' and unowned directories alone."""
+    removes it, and leaves alone a live engine's directory (even one whose pid means nothing
+    here: another pid namespace) and one that holds no lock file."""
     import subprocess
     import sys
 
-    from braid.executor.rendezvous_dir import make_rendezvous_dir
+    from braid.executor.rendezvous_dir import RendezvousDir
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    for name, owner in (("braid-dist-dead", str(gone.pid)), ("braid-dist-live", str(os.getpid())),
-                        ("braid-dist-unowned", None)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "broadcast").write_bytes(b"ring")
-        if owner is not None:
-            (tmp_path / name / "owner").write_text(owner)
-    made = make_rendezvous_dir(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["braid-dist-live", "braid-dist-unowned", os.path.basename(made)])
-    assert (tmp_path / os.path.basename(made) / "owner").read_text() == str(os.getpid())
+    live = RendezvousDir(str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from braid.executor.rendezvous_dir import RendezvousDir; "
+        f"d = RendezvousDir({str(tmp_path)!r}); print(d.path, flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    held_elsewhere = holder.stdout.readline().strip()
+    dead = subprocess.run([sys.executable, "-c", (
+        "from braid.executor.rendezvous_dir import RendezvousDir; "
+        f"print(RendezvousDir({str(tmp_path)!r}).path)")], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "braid-dist-unowned").mkdir()
+    try:
+        new = RendezvousDir(str(tmp_path))
+        assert sorted(str(p) for p in tmp_path.iterdir()) == sorted(
+            [live.path, held_elsewhere, new.path, str(tmp_path / "braid-dist-unowned")])
+        assert not os.path.exists(dead)
+        new.remove()
+        live.remove()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [os.path.basename(held_elsewhere), "braid-dist-unowned"])
+    finally:
+        holder.stdin.close()
+        holder.wait()

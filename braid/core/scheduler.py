@@ -299,6 +299,7 @@ class Scheduler:
     # ---- results ---------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> EngineCoreOutputs:
         outputs: list[EngineCoreOutput] = []
+        schedule_times: dict[str, tuple[float, float]] | None = None
         for idx, req_id in enumerate(runner_output.req_ids):
             stale = self._stale_in_flight.get(req_id)
             if stale is not None:  # finished (aborted, stopped) while this step ran
@@ -323,8 +324,10 @@ class Scheduler:
             if not new_tokens and prompt_lps is None:
                 continue
             lps = runner_output.logprobs[idx]
-            first_output = not request.timing_reported
-            request.timing_reported = True
+            if not request.timing_reported:
+                request.timing_reported = True
+                schedule_times = schedule_times or {}
+                schedule_times[req_id] = (request.queued_ts, request.scheduled_ts)
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
@@ -334,14 +337,12 @@ class Scheduler:
                     finish_reason=request.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
-                    queued_ts=request.queued_ts if first_output else None,
-                    scheduled_ts=request.scheduled_ts if first_output else None,
                 )
             )
             if request.is_finished():
                 self._dequeue(request, queued_as)
                 self._finish(request, request.status)
-        return EngineCoreOutputs(outputs=outputs, stats=self.make_stats())
+        return EngineCoreOutputs(outputs=outputs, stats=self.make_stats(), schedule_times=schedule_times)
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params

@@ -183,7 +183,8 @@ class AsyncLLM:
                 self.metrics.record_stats(core_outputs.stats)
         new_generation = sum(len(o.new_token_ids) for o in core_outputs.outputs
                              if self.output_processor.owns(o.request_id))
-        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs)
+        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs,
+                                                                  schedule_times=core_outputs.schedule_times)
         if self.metrics is not None:
             self.metrics.record_inter_token_latencies(self.output_processor.inter_token_latencies)
         if to_abort:

@@ -172,11 +172,10 @@ class EngineCore:
                 return self._report_next_pass()
             # Without streaming, a multi-step batch reports all its passes at once.
             batch = self.report_order[0]
-            outputs = []
+            parts = []
             while self.report_order and self.report_order[0] is batch:
-                reported = self._report_next_pass()
-                outputs += reported.outputs
-            return EngineCoreOutputs(outputs=outputs, stats=reported.stats)
+                parts.append(self._report_next_pass())
+            return EngineCoreOutputs.combine(parts, parts[-1].stats)
 
     def _launch(self, scheduler_output) -> None:
         scheduler_output.batch_id = self._next_batch_id

@@ -145,10 +145,10 @@ class DPEngineCore:
             if self.stream_outputs:
                 return self._report_next_pass()
             # Without streaming, a multi-step step reports all its passes at once.
-            step, outputs = self.in_flight[0], []
+            step, parts = self.in_flight[0], []
             while self.in_flight and self.in_flight[0] is step:
-                outputs += self._report_next_pass().outputs
-            return EngineCoreOutputs(outputs=outputs, stats=self.make_stats())
+                parts.append(self._report_next_pass())
+            return EngineCoreOutputs.combine(parts, parts[-1].stats)
 
     def _schedule_and_launch(self) -> bool:
         """Schedule every replica and launch the step; False when no replica had anything to run."""
@@ -181,14 +181,15 @@ class DPEngineCore:
             per_rank.popleft()
         if not passes[0]:
             self.in_flight.popleft()
-        reported = []
+        parts = []
         for scheduler, so, runner_output in zip(self.schedulers, outputs, runner_outputs):
             with self.tracer.cpu_span("process_outputs"):
-                reported += scheduler.update_from_output(so, runner_output).outputs
-        for out in reported:
+                parts.append(scheduler.update_from_output(so, runner_output))
+        reported = EngineCoreOutputs.combine(parts, self.make_stats())
+        for out in reported.outputs:
             if out.finish_reason is not None:
                 self.rank_of.pop(out.request_id, None)
-        return EngineCoreOutputs(outputs=reported, stats=self.make_stats())
+        return reported
 
     def kill_workers(self) -> None:
         self.executor.kill_workers()

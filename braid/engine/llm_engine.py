@@ -78,7 +78,8 @@ class LLMEngine:
             self.engine_core.shutdown()
             raise
         self.last_stats = core_outputs.stats
-        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs, final_only)
+        outputs, to_abort = self.output_processor.process_outputs(core_outputs.outputs, final_only,
+                                                                   core_outputs.schedule_times)
         if to_abort:
             self.engine_core.abort_requests(to_abort)
         return outputs

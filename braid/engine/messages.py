@@ -34,9 +34,6 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
-    # The core's monotonic clock: when it took the request in and first scheduled it (first output only).
-    queued_ts: float | None = None
-    scheduled_ts: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -59,3 +56,14 @@ class SchedulerStats:
 class EngineCoreOutputs:
     outputs: list[EngineCoreOutput] = field(default_factory=list)
     stats: SchedulerStats | None = None
+    # Request id -> (taken in, first scheduled) on the core's monotonic clock, for requests
+    # whose first output this is: one entry per request, not two fields on every output.
+    schedule_times: dict[str, tuple[float, float]] | None = None
+
+    @staticmethod
+    def combine(parts: list["EngineCoreOutputs"], stats: SchedulerStats | None) -> "EngineCoreOutputs":
+        outputs, times = [], {}
+        for part in parts:
+            outputs += part.outputs
+            times.update(part.schedule_times or {})
+        return EngineCoreOutputs(outputs, stats, times or None)

@@ -131,11 +131,13 @@ class OutputProcessor:
             self._sample_owner.pop(core_id, None)
         return [cid for cid, s in state.samples.items() if s.finish_reason is None]
 
-    def process_outputs(self, outputs: list[EngineCoreOutput],
-                        final_only: bool = False) -> tuple[list[RequestOutput], list[str]]:
+    def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False,
+                        schedule_times: dict[str, tuple[float, float]] | None = None
+                        ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the updated request outputs (only the finished ones with final_only: a caller
         that waits for whole results skips a snapshot of every request every step), and core
-        ids to abort (a stop string was met)."""
+        ids to abort (a stop string was met). schedule_times: the core's (taken in, first
+        scheduled) of requests reporting for the first time (EngineCoreOutputs')."""
         now, now_ts = time.time(), time.monotonic()
         self.inter_token_latencies = []
         updated: dict[str, RequestState] = {}
@@ -152,8 +154,10 @@ class OutputProcessor:
                 state.prompt_logprobs.extend(self._logprob_dicts(out.new_prompt_logprobs))
             state.num_cached_tokens = out.num_cached_tokens
             m = state.metrics
-            if out.scheduled_ts is not None and (m.scheduled_ts is None or out.scheduled_ts < m.scheduled_ts):
-                m.queued_ts, m.scheduled_ts = out.queued_ts, out.scheduled_ts  # the first of its samples
+            if schedule_times and out.request_id in schedule_times:
+                queued, scheduled = schedule_times[out.request_id]
+                if m.scheduled_ts is None or scheduled < m.scheduled_ts:  # the first of its samples
+                    m.queued_ts, m.scheduled_ts = queued, scheduled
             if out.new_token_ids:
                 if m.first_token_ts is None:
                     m.first_token_time, m.first_token_ts = now, now_ts

@@ -40,7 +40,9 @@ def _check_dp(model, **parallel):
             ranks.append(core.rank_of[request.request_id])
 
         core.add_request = recording
-        assert _generate(llm, PROMPTS, params) == want
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert all(o.metrics.queue_time >= 0 and o.metrics.prefill_time > 0 for o in outs)  # both ranks' schedule times
         assert sorted(set(ranks)) == [0, 1]  # both replicas had requests
         assert core.num_dummy_steps > 0      # rank 1 idled while rank 0's long requests ran
         assert all(kv.num_free_blocks == kv.num_blocks for kv in core.kv_managers)

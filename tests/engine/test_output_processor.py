@@ -66,11 +66,9 @@ def test_queue_prefill_decode_times_come_from_the_core_schedule_and_the_token_ti
     a, b = processor.add_request("r", "hi", [1, 2], [params, params], arrival_time=0.0)
     schedule = {a: (10.0, 12.0), b: (10.0, 11.5)}  # sample b was scheduled first
     for step in range(3):
-        outputs = [EngineCoreOutput(i, [7], finish_reason="length" if step == 2 else None,
-                                    **(dict(zip(("queued_ts", "scheduled_ts"), schedule[i])) if step == 0 else {}))
-                   for i in (a, b)]
+        outputs = [EngineCoreOutput(i, [7], finish_reason="length" if step == 2 else None) for i in (a, b)]
         with mock.patch("braid.engine.output_processor.time.monotonic", return_value=14.0 + 2 * step):
-            results, _ = processor.process_outputs(outputs)
+            results, _ = processor.process_outputs(outputs, schedule_times=schedule if step == 0 else None)
     m = results[0].metrics
     assert (m.queue_time, m.prefill_time, m.decode_time, m.inference_time) == (1.5, 2.5, 4.0, 6.5)
     assert m.time_per_output_token == 2.0

@@ -27,7 +27,7 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    def __init__(self, core_request: EngineCoreRequest, block_size: int) -> None:
+    def __init__(self, core_request: EngineCoreRequest, block_size: int, received_ts: float | None = None) -> None:
         self.request_id = core_request.request_id
         self.prompt_token_ids = list(core_request.prompt_token_ids)
         self.sampling_params = core_request.sampling_params
@@ -47,8 +47,9 @@ class Request:
         # and steps holding this request that have not reported back yet.
         self.num_output_placeholders = 0
         self.num_in_flight_steps = 0
-        # Monotonic: taken in, first scheduled; sent to the front end once, with its first output.
-        self.queued_ts = time.monotonic()
+        # Monotonic: received (by the core process's input thread, which may be while a long
+        # step runs) or else taken in; first scheduled. Sent to the front end once.
+        self.queued_ts = received_ts if received_ts is not None else time.monotonic()
         self.scheduled_ts: float | None = None
         self.timing_reported = False
 

@@ -133,8 +133,8 @@ class EngineCore:
     def num_blocks(self) -> int:
         return self.kv_cache_manager.num_blocks
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request(request, self.config.cache.block_size))
+    def add_request(self, request: EngineCoreRequest, received_ts: float | None = None) -> None:
+        self.scheduler.add_request(Request(request, self.config.cache.block_size, received_ts))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)

@@ -54,18 +54,21 @@ class EngineCoreProc:
     def _read_input(self) -> None:
         while True:
             try:
-                self.inbox.put(ser.decode(self.input_socket.recv_multipart()))
+                kind, body = ser.decode(self.input_socket.recv_multipart())
+                # Stamped here: a request that arrives during a step waits for it to end, and
+                # that wait belongs to its queue time.
+                self.inbox.put((kind, body, time.monotonic()))
             except ValueError as e:  # a malformed message is dropped, never executed
                 logger.error("dropped a message: %s", e)
             except zmq.ZMQError:
                 return
 
-    def _handle(self, kind: bytes, body) -> bool:
+    def _handle(self, kind: bytes, body, received_ts: float) -> bool:
         """Apply one message; False means shut down."""
         self._stats_stale = True
         if kind == ser.ADD:
             try:
-                self.core.add_request(body)
+                self.core.add_request(body, received_ts)
             except ValueError as e:  # e.g. a duplicate id: report it finished so no caller waits on it
                 logger.error("rejected request %s: %s", body.request_id, e)
                 rejected = EngineCoreOutput(body.request_id, [], finish_reason="abort")

@@ -107,10 +107,10 @@ class DPEngineCore:
     def kv_cache_manager(self) -> CombinedKVView:
         return CombinedKVView(self.kv_managers)
 
-    def add_request(self, request: EngineCoreRequest) -> None:
+    def add_request(self, request: EngineCoreRequest, received_ts: float | None = None) -> None:
         rank = min(range(self.dp_size), key=lambda d: self.schedulers[d].num_unfinished())
         self.rank_of[request.request_id] = rank
-        self.schedulers[rank].add_request(Request(request, self.config.cache.block_size))
+        self.schedulers[rank].add_request(Request(request, self.config.cache.block_size, received_ts))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         by_rank: dict[int, list[str]] = {}

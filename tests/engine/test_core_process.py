@@ -159,3 +159,65 @@ def test_a_failed_core_reports_its_error_even_when_its_exit_is_seen_first():
             os.close(write_fd)
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_arrives_during_a_step_is_queued_from_its_arrival(tmp_path):
+    """The core takes requests in between steps; one that arrives while a step runs has been
+    waiting since it arrived, and its queue time must say so (not start after the step)."""
+    import threading
+    import time
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import zmq
+
+    from braid.engine.core_proc import EngineCoreProc
+    from braid.engine.messages import EngineCoreOutputs, EngineCoreRequest
+
+    class OneLongStep:
+        tracer = SimpleNamespace(cpu_span=lambda name: nullcontext())
+        executor = None
+
+        def __init__(self):
+            self.steps, self.added, self.step_end = 0, [], None
+
+        def has_unfinished_requests(self):
+            return self.steps < 2
+
+        def add_request(self, request, received_ts=None):
+            self.added.append((request.request_id, received_ts, time.monotonic()))
+
+        def step(self):
+            self.steps += 1
+            if self.steps == 1:  # runs until the request has arrived
+                while proc.inbox.empty() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.step_end = time.monotonic()
+            return EngineCoreOutputs()
+
+        def make_stats(self):
+            return None
+
+    ctx = zmq.Context()
+    to_core, from_core = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    to_core.bind(f"ipc://{tmp_path}/in")
+    from_core.bind(f"ipc://{tmp_path}/out")
+    core, deadline = OneLongStep(), time.monotonic() + 30
+    proc = EngineCoreProc(core, f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out")
+    loop = threading.Thread(target=proc.run, args=(os.getppid(),), daemon=True)
+    loop.start()
+    try:
+        while core.steps == 0:
+            time.sleep(0.01)
+        to_core.send_multipart(ser.encode(ser.ADD, EngineCoreRequest("r", [1, 2], SamplingParams(max_tokens=1))))
+        while not core.added and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (request_id, received_ts, taken_in_ts), = core.added
+        assert received_ts < core.step_end <= taken_in_ts
+    finally:
+        proc.stop_requested = True
+        loop.join(5)
+        to_core.close(linger=0)
+        from_core.close(linger=0)
+        proc.input_socket.close(linger=0)
+        proc.output_socket.close(linger=0)

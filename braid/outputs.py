@@ -41,7 +41,7 @@ class RequestMetrics:
     arrival_time: float
     first_token_time: float | None = None
     finished_time: float | None = None
-    queued_ts: float | None = None  # the engine core took the request in
+    queued_ts: float | None = None  # the engine core received the request
     scheduled_ts: float | None = None  # the engine core first scheduled it
     first_token_ts: float | None = None
     last_token_ts: float | None = None

@@ -56,7 +56,7 @@ class SchedulerStats:
 class EngineCoreOutputs:
     outputs: list[EngineCoreOutput] = field(default_factory=list)
     stats: SchedulerStats | None = None
-    # Request id -> (taken in, first scheduled) on the core's monotonic clock, for requests
+    # Request id -> (received, first scheduled) on the core's monotonic clock, for requests
     # whose first output this is: one entry per request, not two fields on every output.
     schedule_times: dict[str, tuple[float, float]] | None = None
 

@@ -136,7 +136,7 @@ class OutputProcessor:
                         ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the updated request outputs (only the finished ones with final_only: a caller
         that waits for whole results skips a snapshot of every request every step), and core
-        ids to abort (a stop string was met). schedule_times: the core's (taken in, first
+        ids to abort (a stop string was met). schedule_times: the core's (received, first
         scheduled) of requests reporting for the first time (EngineCoreOutputs')."""
         now, now_ts = time.time(), time.monotonic()
         self.inter_token_latencies = []

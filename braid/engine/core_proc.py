@@ -42,7 +42,9 @@ class EngineCoreProc:
         self.inbox: queue.Queue = queue.Queue()
         self._stats_stale = False
         self.stop_requested = False  # set by the SIGTERM handler: a plain flag is all it may touch
-        threading.Thread(target=self._read_input, daemon=True, name="braid-core-input").start()
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read_input, daemon=True, name="braid-core-input")
+        self._reader.start()
 
     def _check_workers(self) -> None:
         """Raise if a worker process died: an idle core runs no step that would notice, and
@@ -52,8 +54,12 @@ class EngineCoreProc:
             check()
 
     def _read_input(self) -> None:
-        while True:
+        # Polls with a timeout rather than blocking in recv, so close() can stop it: closing a
+        # socket under a thread blocked on it aborts the whole process (a zmq assertion).
+        while not self._closing.is_set():
             try:
+                if not self.input_socket.poll(_IDLE_POLL_S * 1000):
+                    continue
                 kind, body = ser.decode(self.input_socket.recv_multipart())
                 # Stamped here: a request that arrives during a step waits for it to end, and
                 # that wait belongs to its queue time.
@@ -62,6 +68,15 @@ class EngineCoreProc:
                 logger.error("dropped a message: %s", e)
             except zmq.ZMQError:
                 return
+
+    def close(self) -> None:
+        """Stop the reader thread, then close the sockets and the context (for an in-process
+        core; the core process leaves through _exit)."""
+        self._closing.set()
+        self._reader.join()
+        self.input_socket.close(linger=0)
+        self.output_socket.close(linger=0)
+        self.ctx.term()
 
     def _handle(self, kind: bytes, body, received_ts: float) -> bool:
         """Apply one message; False means shut down."""
@@ -192,8 +207,9 @@ def run_engine_core(engine_args, input_addr: str, output_addr: str, ready_pipe, 
 
 
 def _exit(code: int) -> None:
-    """Leave without closing the sockets: the reader thread is blocked in recv on one, and
-    closing it under that thread, or terminating the context, can abort or hang."""
+    """Leave without closing the sockets: the reader thread may be polling one, and closing
+    it under that thread, or terminating the context, can abort or hang (close() would wait
+    up to a poll interval for the thread instead)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

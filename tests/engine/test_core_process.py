@@ -219,5 +219,5 @@ def test_a_request_that_arrives_during_a_step_is_queued_from_its_arrival(tmp_pat
         loop.join(5)
         to_core.close(linger=0)
         from_core.close(linger=0)
-        proc.input_socket.close(linger=0)
-        proc.output_socket.close(linger=0)
+        ctx.term()
+        proc.close()

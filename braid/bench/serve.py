@@ -534,6 +534,15 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def _request_record(result: RequestResult, output_len_requested: int, detailed: bool) -> dict[str, Any]:
+    """One request's numbers for the result file; its per-token gaps only when detailed (they make
+    a 256-request run's file megabytes long)."""
+    record = {**asdict(result), "tpot": result.tpot, "output_len_requested": output_len_requested}
+    if not detailed:
+        del record["itl"]
+    return record
+
+
 async def _benchmark(args: argparse.Namespace, out=None) -> dict[str, Any]:
     out = out or sys.stdout
     base = args.base_url.rstrip("/")
@@ -575,8 +584,7 @@ async def _benchmark(args: argparse.Namespace, out=None) -> dict[str, Any]:
             "dataset_seed": seed,
             "request_rate": None if math.isinf(rate) else rate,
             "summary": summary,
-            "requests": [{**asdict(r), "tpot": r.tpot, "output_len_requested": requests[r.index].output_len}
-                         for r in results],
+            "requests": [_request_record(r, requests[r.index].output_len, args.save_detailed) for r in results],
         })
     return {"model": model, "url": url, "runs": runs}
 
@@ -642,7 +650,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-run-time", type=float, default=3600.0,
                         help="seconds per run; requests still going then are cancelled and counted as failed")
-    parser.add_argument("--result-json", default=None, help="write config, raw per-request numbers and summary")
+    parser.add_argument("--result-json", default=None, help="write config, summary and per-request numbers")
+    parser.add_argument("--save-detailed", action="store_true",
+                        help="also write every request's inter-token gaps to --result-json")
     parser.add_argument("--metadata", nargs="*", default=[], metavar="KEY=VALUE",
                         help="recorded in the result JSON: what this client cannot see, e.g. the server's flags")
     parser.add_argument("--plot", default=None, help="PNG of latency percentiles and throughput across the sweep")

@@ -154,7 +154,7 @@ def test_timings_tokens_and_json(server, tmp_path, capsys):
     expected_fail = sum(m in (0, 1) for m in modes)
     assert 0 < expected_fail < 12, "the seed should give both failures and successes"
     rc = _run(["--base-url", server.base_url, "--num-prompts", "12", "--input-len", "8", "--output-len", "4",
-               "--seed", str(seed), "--num-warmups", "0", "--result-json", str(out)])
+               "--seed", str(seed), "--num-warmups", "0", "--result-json", str(out), "--save-detailed"])
     assert rc == 1  # some requests failed
     table = capsys.readouterr().out
     assert "Serving Benchmark Result" in table and "Median TTFT (ms):" in table
@@ -231,6 +231,9 @@ def test_sweep_concurrency_and_plot(server, tmp_path):
         return best
 
     ok = lambda run: [r for r in run["requests"] if r["success"]]  # noqa: E731
+    # Without --save-detailed the file keeps each request's numbers but not its per-token gaps.
+    assert all("itl" not in r and "ttft" in r for run in runs for r in run["requests"])
+    assert all(run["summary"]["mean_itl_ms"] > 0 for run in runs if run["summary"]["completed"])
     assert max_overlap(ok(runs[0])) == 1  # concurrency 1: one at a time
     assert max_overlap(ok(runs[1])) <= 3
     # A warm-up request plus 6 requests per run, and the warm-up's prompt is none of the measured ones.
@@ -271,7 +274,8 @@ def test_tokens_without_text_still_arrive(server, tmp_path, endpoint):
     seed = _seed_with_clean_warmup(lambda s: _modes(1, s)[0] > 2)
     rc = _run(["--base-url", server.base_url, "--model", MODEL, "--endpoint", endpoint, "--num-prompts", "1",
                "--input-len", "8", "--output-len", "4", "--seed", str(seed), "--num-warmups", "0",
-               "--extra-body", json.dumps({"fake_empty_text_chunks": 2}), "--result-json", str(out)])
+               "--extra-body", json.dumps({"fake_empty_text_chunks": 2}), "--result-json", str(out),
+               "--save-detailed"])
     assert rc == 0
     (r,) = json.loads(out.read_text())["runs"][0]["requests"]
     assert r["success"] and r["output_tokens"] == 4

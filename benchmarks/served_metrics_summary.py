@@ -29,6 +29,11 @@ def main() -> None:
     result = {
         "server": server,
         "client": {k: client.get(k) for k in ("completed", "mean_ttft_ms", "mean_tpot_ms", "mean_e2el_ms")},
+        # What the server never sees: HTTP, the wait for the event loop, admission, delivery.
+        "client_minus_server_ms": {
+            "ttft": client["mean_ttft_ms"] - 1e3 * mean("time_to_first_token_seconds"),
+            "e2e": client["mean_e2el_ms"] - 1e3 * mean("e2e_request_latency_seconds"),
+        },
         "identities_ms": {
             "e2e - (queue + inference)": 1e3 * (mean("e2e_request_latency_seconds") - mean("request_queue_time_seconds")
                                                 - mean("request_inference_time_seconds")),
@@ -42,6 +47,7 @@ def main() -> None:
     for name, v in server.items():
         print(f"{name:40s} {v['count']:6.0f} {1e3 * v['mean_s']:9.2f}")
     print("client:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in result["client"].items()})
+    print("client - server (ms):", {k: round(v, 2) for k, v in result["client_minus_server_ms"].items()})
     print("identities (ms):", {k: round(v, 3) for k, v in result["identities_ms"].items()})
 
 

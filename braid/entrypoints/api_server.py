@@ -32,11 +32,14 @@ def load_chat_template(value: str | None) -> str | None:
     """--chat-template: a file's contents, or the value itself when it is a template."""
     if value is None:
         return None
+    from braid.entrypoints.chat_utils import compile_chat_template
+
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
-            return f.read()
-    if "{" not in value:  # neither a file nor a Jinja template: most likely a mistyped path
+            value = f.read()
+    elif "{" not in value:  # neither a file nor a Jinja template: most likely a mistyped path
         raise ValueError(f"--chat-template: no such file, and not a Jinja template: {value!r}")
+    compile_chat_template(value)  # before the engine starts
     return value
 
 
@@ -254,9 +257,20 @@ async def _serve(args) -> None:
         sock.close()
 
 
+def _event_loop_factory():
+    """uvloop's event loop where installed (the serve extra installs it; vLLM serves on it too):
+    each SSE chunk and each request costs the loop less. Otherwise asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_server(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(_serve(args))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(_serve(args))
     except KeyboardInterrupt:
         pass
     return 0

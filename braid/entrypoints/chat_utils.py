@@ -71,6 +71,22 @@ def render_chat(tokenizer, messages: Sequence[Any], *, chat_template: str | None
     return text, tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
+def compile_chat_template(template: str) -> None:
+    """Raise ValueError now if the template does not compile, as transformers compiles it
+    (its extensions included), without a tokenizer: so before any model loads. Where this
+    transformers has no such helper, check_chat_template catches it once the tokenizer is up."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template does not compile: {e}") from None
+
+
 def check_chat_template(tokenizer, template: str) -> None:
     """Fail now, not at the first request, on a template that does not compile (rendered once
     through transformers; errors that depend on the messages are left to the requests)."""

@@ -141,10 +141,12 @@ class OpenAIServing:
         if k is not None and k != -1 and k < 1:
             raise bad_request(f"truncate_prompt_tokens must be -1 or at least 1, got {k}", "truncate_prompt_tokens")
 
-    def truncate(self, request, text: str, ids: list[int], plain_ids: list[int] | None = None) -> tuple[str, list[int]]:
+    def truncate(self, request, text: str | None, ids: list[int],
+                 plain_ids: list[int] | None = None) -> tuple[str | None, list[int]]:
         """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: the context).
         plain_ids: a text prompt's ids without the special tokens the tokenizer adds (BOS...):
-        those stay, as the tokenizer's own left truncation keeps them."""
+        those stay, as the tokenizer's own left truncation keeps them. A prompt without text
+        (token ids) stays without."""
         k = request.truncate_prompt_tokens
         if k is None:
             return text, ids
@@ -152,7 +154,7 @@ class OpenAIServing:
         if len(ids) <= k:
             return text, ids
         ids = ids[-k:] if plain_ids is None else _truncate_keeping_specials(ids, plain_ids, k)
-        return self.tokenizer.decode(ids), ids
+        return (None if text is None else self.tokenizer.decode(ids)), ids
 
     def max_tokens_for(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> int | None:
         """Check that the prompt and the requested output fit in the context (vLLM's message).

@@ -27,8 +27,10 @@ from braid.entrypoints.protocol import (
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def _prompts(self, request: CompletionRequest) -> list[tuple[str, list[int]]]:
-        """Normalize the four prompt forms to (text, token ids) pairs, truncated as asked."""
+    def _prompts(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """Normalize the four prompt forms to (text, token ids) pairs, truncated as asked. Token ids
+        are decoded to text only for echo: decoding a long prompt costs the event loop about as much
+        as the rest of the request's admission together."""
         prompt = request.prompt
         if isinstance(prompt, str):
             items = [prompt]
@@ -49,8 +51,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 vocab = self.engine.input_processor.vocab_size
                 if not item or any(not 0 <= t < vocab for t in item):
                     raise bad_request(f"prompt token ids must be in [0, {vocab}) and not empty", "prompt")
-                text, ids = self.tokenizer.decode(item), list(item)
-            result.append(self.truncate(request, text, ids, plain))
+                text, ids = None, list(item)
+            text, ids = self.truncate(request, text, ids, plain)
+            if text is None and request.echo:
+                text = self.tokenizer.decode(ids)
+            result.append((text, ids))
         return result
 
     async def create(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:

@@ -184,6 +184,10 @@ def test_echo(server, client):
     streamed = "".join(c.choices[0].text for c in _complete(client, max_tokens=4, echo=True, stream=True,
                                                              extra_body={"ignore_eos": True}))
     assert streamed == choice.text
+    # A token-id prompt is echoed as its text (decoded only for echo).
+    ids = _tokenize(server, prompt=PROMPT)
+    by_ids = _complete(client, prompt=ids, max_tokens=4, echo=True, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice.text
 
 
 def test_echo_with_max_tokens_zero_scores_the_prompt(server, client):
@@ -226,6 +230,10 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(server, client):
     r = _complete(client, max_tokens=6, extra_body={"truncate_prompt_tokens": 3})
     assert r.usage.prompt_tokens == 3
     assert r.choices[0].text == _complete(client, prompt=ids[-3:], max_tokens=6).choices[0].text
+    # Truncated token ids echo the kept tokens' text.
+    echoed = _complete(client, prompt=ids, max_tokens=1, echo=True, extra_body={"truncate_prompt_tokens": 3})
+    assert echoed.choices[0].text == _complete(client, prompt=ids[-3:], max_tokens=1, echo=True).choices[0].text
+    assert echoed.usage.prompt_tokens == 3
     chat = _chat(client, max_tokens=6, extra_body={"truncate_prompt_tokens": 4})
     assert chat.usage.prompt_tokens == 4
     chat_ids = _tokenize(server, messages=MESSAGES)

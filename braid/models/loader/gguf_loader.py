@@ -113,7 +113,7 @@ def reverse_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _dequantize(tensor) -> np.ndarray:
-    from gguf.quants import dequantize
+    from braid.models.loader.gguf_dequant import dequantize
 
     shape = [int(x) for x in reversed(tensor.shape)]  # ggml order is reversed
     arr = dequantize(tensor.data, tensor.tensor_type)

@@ -52,17 +52,19 @@ def _has_chat_template(tokenizer) -> bool:
 def cmd_generate(args: argparse.Namespace) -> int:
     from braid.engine.llm_engine import LLMEngine
 
+    params = _sampling_params(args)  # a bad value fails before the model loads
     engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
     prompt = args.prompt
     if not args.no_chat_template and _has_chat_template(engine.tokenizer):
         prompt = _chat_prompt(engine.tokenizer, [{"role": "user", "content": args.prompt}])
-    _stream(engine, prompt, _sampling_params(args))
+    _stream(engine, prompt, params)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from braid.engine.llm_engine import LLMEngine
 
+    params = _sampling_params(args)  # a bad value fails before the model loads
     engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
     if not _has_chat_template(engine.tokenizer):
         print("this model's tokenizer has no chat template", file=sys.stderr)
@@ -71,7 +73,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
-    params = _sampling_params(args)
     while True:
         try:
             line = input("> " if interactive else "")

@@ -68,8 +68,8 @@ def test_chunked_prefill_small_budget(smollm2_path, prompts, alone):
 
 
 def test_preempted_and_recomputed(smollm2_path, prompts, alone):
-    # 12 blocks of 16 tokens cannot hold 16 growing requests: the newest get preempted.
-    llm = LLM(smollm2_path, max_model_len=160, num_gpu_blocks_override=12, max_num_seqs=16)
+    # 20 blocks of 16 tokens cannot hold 16 growing requests: the newest get preempted.
+    llm = LLM(smollm2_path, max_model_len=160, num_gpu_blocks_override=20, max_num_seqs=16)
     got = _tokens(llm, prompts[:16])
     assert llm.llm_engine.last_stats.num_preemptions > 0
     assert got[:4] == alone
@@ -82,7 +82,7 @@ def test_seeded_sampling_survives_preemption(smollm2_path, base, prompts):
               for i in range(16)]
     reqs = [{"prompt_token_ids": p} for p in prompts[:16]]
     calm = [o.outputs[0].token_ids for o in base.generate(reqs, seeded, use_tqdm=False)]
-    tight = LLM(smollm2_path, max_model_len=160, num_gpu_blocks_override=12, max_num_seqs=16)
+    tight = LLM(smollm2_path, max_model_len=160, num_gpu_blocks_override=20, max_num_seqs=16)
     squeezed = [o.outputs[0].token_ids for o in tight.generate(reqs, seeded, use_tqdm=False)]
     assert tight.llm_engine.last_stats.num_preemptions > 0
     assert squeezed == calm

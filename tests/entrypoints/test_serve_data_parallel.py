@@ -1,8 +1,13 @@
 """`braid serve` with two data-parallel replicas and expert parallelism (tiny Qwen3-MoE,
 CPU), also with async and multi-step scheduling: concurrent completions through the
 official openai client all finish with the single-device greedy text, and the KV pools
-of both replicas are free afterwards."""
+of both replicas are free afterwards. Then a rank's worker dies while no request runs:
+/health turns 503 naming it, and the server still stops cleanly."""
 import concurrent.futures
+import signal
+import time
+
+import httpx
 
 import pytest
 
@@ -36,5 +41,20 @@ def test_serve_dp2_expert_parallel(tmp_path, extra):
             assert list(pool.map(complete, PROMPTS)) == want
         metrics = srv.wait_idle()  # both replicas' pools free again
         assert metrics["braid:kv_cache_usage_perc"] == 0
+        if not extra:
+            _kill_an_idle_worker_and_see_health_name_it(srv)
     finally:
-        srv.stop()
+        srv.stop(signal.SIGINT)
+
+
+def _kill_an_idle_worker_and_see_health_name_it(srv) -> None:
+    """/health said 200 until the next request failed, when no step noticed a worker's death."""
+    workers = [p for p in srv.engine_core().children() if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2, workers
+    workers[1].kill()
+    deadline = time.monotonic() + 10
+    while httpx.get(srv.url + "/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    health = httpx.get(srv.url + "/health")
+    assert health.status_code == 503
+    assert "worker rank 1" in health.json()["error"]["message"]

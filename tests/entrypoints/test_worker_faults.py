@@ -49,25 +49,3 @@ def test_killed_worker_fails_requests_and_health(tmp_path):
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in everyone) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
-def test_worker_dying_while_idle_turns_health_503(tmp_path):
-    """--data-parallel-size 2: a rank's worker dies while no request runs. /health must turn
-    503 naming it (it said 200 until the next request failed: no step noticed), and the
-    server still stops cleanly."""
-    model = make_tiny_checkpoint("llama", tmp_path / "tiny")
-    srv = RemoteServer(model, "--max-model-len", "256", "--device", "cpu", "--data-parallel-size", "2")
-    try:
-        body = {"prompt": "hello", "max_tokens": 3}
-        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=60).status_code == 200
-        workers = [p for p in srv.engine_core().children() if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(workers) == 2, workers
-        workers[1].kill()
-        deadline = time.monotonic() + 10
-        while httpx.get(srv.url + "/health").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        health = httpx.get(srv.url + "/health")
-        assert health.status_code == 503
-        assert "worker rank 1" in health.json()["error"]["message"]
-    finally:
-        srv.stop(signal.SIGINT)

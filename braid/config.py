@@ -6,22 +6,21 @@ or combination raises ValueError naming the flag.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: building the CLI parser (bench, trace) needs none
+    import torch
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
+# --dtype names -> torch dtype attribute names
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
-    """--dtype auto: the checkpoint's dtype on GPU (float16/32 kept, else bfloat16); float32 on CPU."""
+    """--dtype auto: on GPU the checkpoint's float16 or bfloat16, else bfloat16 (float32 checkpoints too, as
+    vLLM); float32 on CPU."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -29,11 +28,17 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
             return torch.float32
         declared = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
         if isinstance(declared, str):
-            declared = _DTYPES.get(declared)
+            declared = getattr(torch, _DTYPES.get(declared, ""), None)
         return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
 
 
 def kv_cache_geometry(hf_config) -> tuple[int, int]:
@@ -178,7 +183,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu)
     attention_backend: str = "torch"  # resolved: 'torch' or 'triton'
     enforce_eager: bool = False  # no CUDA graphs
 

@@ -6,8 +6,7 @@ import logging
 import operator
 import re
 from dataclasses import dataclass, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from braid.config import (
     LOAD_FORMATS,
@@ -20,6 +19,9 @@ from braid.config import (
     SchedulerConfig,
     resolve_dtype,
 )
+
+if TYPE_CHECKING:  # imported where used: `braid bench` and `braid trace` build this parser without torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,8 @@ class EngineArgs:
                               self.enable_expert_parallel, self.data_parallel_size, self.all2all_backend)
 
     def _device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -195,6 +199,8 @@ class EngineArgs:
         return self.seed
 
     def create_engine_config(self) -> EngineConfig:
+        import torch
+
         from braid.transformers_utils import load_hf_config, resolve_model_path
 
         from braid.generation_defaults import validate_generation_config
